@@ -1,0 +1,224 @@
+"""Tiny random Qwen2-VL models built offline, for tests, the CPU demo and benchmarks.
+
+Nothing here downloads anything. The tokenizer is a byte-level BPE trained in memory on a fixed
+corpus, with Qwen2-VL's special tokens and chat template; the image processor is HF's real
+``Qwen2VLImageProcessor`` with small pixel limits; the model is a real
+``Qwen2VLForConditionalGeneration`` (vision tower with the 2x2 merger, M-RoPE language model) with
+random weights. ``save_tiny_qwen2vl(dir)`` writes all three as a local HF checkpoint directory, which
+the recipes then load exactly as they would load ``Qwen/Qwen2-VL-7B-Instruct`` from disk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Qwen2-VL's special tokens, in the order of their real ids (151643...). The tiny vocabulary keeps
+# the order, not the ids: code must look ids up through the tokenizer, never hard-code them.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# The chat template of Qwen2-VL-Instruct (system prompt, images as vision_start/pad/end, im_start
+# turns). Written out here so the tiny tokenizer formats conversations exactly like the real one.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# A fixed corpus so the BPE merges (and therefore every token id) are identical on every machine.
+_CORPUS = [
+    "You are a helpful assistant. Please answer the question using a long-chain reasoning style "
+    "and think step by step.",
+    "How many circles are in the image? Which shape is larger, the red one or the blue one?",
+    "Let me count the shapes. Wait, let me double-check the image. To be precise, there are 3 "
+    "squares, 2 circles and 1 triangle. Hmm, let me verify. Alternatively, compare the areas.",
+    "Let me check the image again. Let me look at the figure once more. But wait, the answer is",
+    "Answer: A B C D E 0 1 2 3 4 5 6 7 8 9 10 11 12 red green blue yellow purple orange square "
+    "circle triangle left right top bottom larger smaller same count total therefore so the",
+    "Step 1: Step 2: Step 3: First, Next, Finally, The final answer is \\boxed{3}.",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 640) -> Any:
+    """A Qwen2-style byte-level BPE tokenizer with Qwen2-VL's special tokens and chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    # Qwen2's pre-tokenization: split words/numbers/punctuation with its regex, then bytes.
+    split = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS,
+        model_max_length=32768,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_processor(min_pixels: int = 56 * 56, max_pixels: int = 224 * 224) -> Any:
+    """HF's real ``Qwen2VLProcessor`` around the tiny tokenizer, with small pixel limits."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    tokenizer = build_tiny_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    return Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=_tiny_video_processor(),
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _tiny_video_processor() -> Any:
+    # The processor insists on a video processor; the PIL backend needs no torchvision.
+    try:
+        from transformers import Qwen2VLVideoProcessor
+
+        return Qwen2VLVideoProcessor()
+    except (ImportError, ValueError):
+        return None
+
+
+def tiny_qwen2vl_config(tokenizer: Any, **overrides: Any) -> Any:
+    """A 2-layer Qwen2-VL config whose special-token ids match ``tokenizer``."""
+    from transformers import Qwen2VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    hidden, heads = 64, 4
+    head_dim = hidden // heads
+    # M-RoPE splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
+    mrope = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]
+    rope = {"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0}
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "rope_parameters": rope,
+        "rope_scaling": {"type": "mrope", **rope},
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": hidden,
+        "mlp_ratio": 2,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+        **overrides,
+    )
+    return config
+
+
+def tiny_qwen2vl(seed: int = 0, attn_implementation: str = "sdpa") -> tuple[Any, Any]:
+    """Build a tiny random ``Qwen2VLForConditionalGeneration`` (fp32) and its processor, offline.
+
+    Returns ``(model, processor)``; same seed, same weights. Save both with
+    :func:`save_tiny_qwen2vl` to get a local checkpoint directory.
+    """
+    from transformers import Qwen2VLForConditionalGeneration
+
+    processor = build_tiny_processor()
+    config = tiny_qwen2vl_config(processor.tokenizer)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    return model, processor
+
+
+def save_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Qwen2-VL checkpoint (weights, config, processor, tokenizer) to ``out_dir``.
+
+    Idempotent: an existing complete checkpoint is left as it is.
+    """
+    out = Path(out_dir)
+    marker = out / "tiny_qwen2vl.json"
+    if marker.exists():
+        return out
+    model, processor = tiny_qwen2vl(seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    marker.write_text(json.dumps({"seed": seed}))
+    return out
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random Qwen2-VL checkpoint directory.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(save_tiny_qwen2vl(args.out_dir, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()
