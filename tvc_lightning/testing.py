@@ -107,27 +107,14 @@ def build_tiny_tokenizer(vocab_size: int = 640) -> Any:
 
 
 def build_tiny_processor(min_pixels: int = 56 * 56, max_pixels: int = 224 * 224) -> Any:
-    """HF's real ``Qwen2VLProcessor`` around the tiny tokenizer, with small pixel limits."""
-    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
+    """HF's real Qwen2-VL processor (image part) around the tiny tokenizer, small pixel limits."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from tvc_lightning.hf import ImageOnlyQwen2VLProcessor
 
     tokenizer = build_tiny_tokenizer()
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-    return Qwen2VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=_tiny_video_processor(),
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
-def _tiny_video_processor() -> Any:
-    # The processor insists on a video processor; the PIL backend needs no torchvision.
-    try:
-        from transformers import Qwen2VLVideoProcessor
-
-        return Qwen2VLVideoProcessor()
-    except (ImportError, ValueError):
-        return None
+    return ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
 
 
 def tiny_qwen2vl_config(tokenizer: Any, **overrides: Any) -> Any:

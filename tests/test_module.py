@@ -1,0 +1,143 @@
+"""TVCModule against HF Qwen2-VL: M-RoPE positions, logits, pooled re-injected features."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import random_image
+from tvc_lightning.data.collate import Collator
+from tvc_lightning.data.dvr import DVRTransform
+from tvc_lightning.data.schema import SampleRecord
+from tvc_lightning.data.tokenize import SampleEncoder
+from tvc_lightning.module import TVCModule
+from tvc_lightning.vision import encode_images, merged_grids, pool_visual_tokens, pooled_grid
+
+RESPONSE = "Two shapes. Hmm, let me verify the colours. Both are red. The answer is \\boxed{2}."
+
+
+def _batch(processor, dvr=None, sizes=((150, 200), (90, 60))):
+    encoder = SampleEncoder(processor, dvr=dvr)
+    samples = [
+        encoder(SampleRecord(id=f"m{i}", question=f"Question {i}?", response=RESPONSE * (i + 1),
+                             answer="2"), [random_image(w, h, seed=i)], epoch=0)
+        for i, (w, h) in enumerate(sizes)
+    ]
+    return Collator(processor.tokenizer.pad_token_id)(samples)
+
+
+def _module(model) -> TVCModule:
+    module = TVCModule(model_name_or_path="unused", freeze=[])
+    module.model = model  # the session's tiny model: skip loading
+    return module
+
+
+def _hf_rope_index(model, batch):
+    kwargs = {"image_grid_thw": batch["image_grid_thw"], "attention_mask": batch["attention_mask"]}
+    if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
+        kwargs["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).int()
+    positions, _ = model.model.get_rope_index(batch["input_ids"], **kwargs)
+    return positions
+
+
+def test_positions_equal_hf_get_rope_index(tiny):
+    model, processor = tiny
+    batch = _batch(processor)
+    hf = _hf_rope_index(model, batch)
+    mask = batch["attention_mask"].bool()
+    assert torch.equal(batch["position_ids"][:, mask], hf[:, mask])
+
+
+def test_logits_equal_hf_forward(tiny):
+    model, processor = tiny
+    batch = _batch(processor)
+    module = _module(model)
+    with torch.no_grad():
+        ours = module(batch)
+        hf_inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values",
+                                           "image_grid_thw")}
+        if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+            hf_inputs["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).int()
+        model.model.rope_deltas = None
+        theirs = model(**hf_inputs).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[mask], theirs[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_pooled_copy_positions_follow_its_grid(tiny):
+    model, processor = tiny
+    dvr = DVRTransform(p=1.0, max_injections=1, pool_kernel=4)
+    batch = _batch(processor, dvr=dvr, sizes=((224, 224),))
+    ids, pos = batch["input_ids"][0], batch["position_ids"][:, 0]
+    image_pos = torch.nonzero(ids == model.config.image_token_id).squeeze(1)
+    copy = image_pos[64:]  # 8x8 original, then the 2x2 pooled copy
+    assert copy.numel() == 4
+    start = int(pos[0, copy[0]])
+    assert pos[0, copy].tolist() == [start] * 4
+    assert pos[1, copy].tolist() == [start, start, start + 1, start + 1]
+    assert pos[2, copy].tolist() == [start, start + 1, start, start + 1]
+    # The text right after the copy (<|vision_end|>) continues at start + max(2, 2).
+    assert pos[:, copy[-1] + 1].tolist() == [start + 2] * 3
+    # And the text before the copy (<|vision_start|>) was one position earlier.
+    assert pos[:, copy[0] - 1].tolist() == [start - 1] * 3
+
+
+@pytest.mark.parametrize("kernel", [2, 4, 3])
+def test_reinjected_features_are_avg_pool_of_original(tiny, kernel):
+    model, processor = tiny
+    dvr = DVRTransform(p=1.0, max_injections=1, pool_kernel=kernel)
+    batch = _batch(processor, dvr=dvr, sizes=((224, 168),))  # 8x6 merged tokens
+    module = _module(model)
+    with torch.no_grad():
+        embeds = module.input_embeddings(batch)
+        visual = model.model.visual
+        (original,) = encode_images(visual, batch["pixel_values"], batch["image_grid_thw"])
+    (h, w), = merged_grids(batch["image_grid_thw"], visual.spatial_merge_size)
+    grid = original.reshape(h, w, -1).permute(2, 0, 1)
+    expected = F.avg_pool2d(grid, kernel, stride=kernel, ceil_mode=True).flatten(1).T
+    ph, pw = pooled_grid(h, w, kernel)
+    assert expected.shape[0] == ph * pw
+    image_pos = torch.nonzero(batch["input_ids"][0] == model.config.image_token_id).squeeze(1)
+    torch.testing.assert_close(embeds[0, image_pos[: h * w]], original)
+    torch.testing.assert_close(embeds[0, image_pos[h * w:]], expected)
+    torch.testing.assert_close(pool_visual_tokens(original, h, w, kernel), expected)
+
+
+def test_pooling_edge_windows_average_only_real_tokens():
+    feats = torch.arange(5 * 3, dtype=torch.float32).reshape(15, 1)  # a 5x3 grid
+    pooled = pool_visual_tokens(feats, 5, 3, 4)
+    assert pooled.shape == (2, 1)  # ceil(5/4) x ceil(3/4)
+    grid = feats.reshape(5, 3)
+    assert pooled[0, 0] == grid[:4].mean()
+    assert pooled[1, 0] == grid[4:].mean()
+
+
+def test_loss_falls_and_frozen_tower_gets_no_grad(tiny_checkpoint):
+    from tvc_lightning.hf import load_processor
+
+    module = TVCModule(str(tiny_checkpoint), freeze=["visual"], lr=3e-3)
+    module.configure_model()
+    processor = load_processor(tiny_checkpoint)
+    batch = _batch(processor, dvr=DVRTransform(p=1.0, pool_kernel=2))
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    assert all(not p.requires_grad for p in module.model.model.visual.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss, n = module.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert int(n) > 0
+    assert losses[-1] < losses[0] * 0.8
+    assert all(p.grad is None for p in module.model.model.visual.parameters())
+
+
+def test_freeze_prefix_must_match(tiny_checkpoint):
+    module = TVCModule(str(tiny_checkpoint), freeze=["vision_tower"])
+    with pytest.raises(ValueError, match="model.freeze"):
+        module.configure_model()

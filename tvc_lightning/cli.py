@@ -1,0 +1,34 @@
+"""The command line: LightningCLI over TVCModule and TVCDataModule.
+
+``python -m tvc_lightning fit --config recipes/tiny.yaml`` (also ``validate``, ``test``);
+``--print_config`` shows the composed configuration, several ``--config`` files compose, and
+dotted overrides (``--model.lr 1e-5``) work as in any LightningCLI.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from tvc_lightning.data.datamodule import TVCDataModule
+from tvc_lightning.module import TVCModule
+
+
+class TVCLightningCLI(LightningCLI):
+    """LightningCLI whose data module reads the tokenizer of the model being trained."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # One source of truth: the checkpoint path is set once, on the model.
+        parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+
+
+def main(args: list[str] | None = None) -> TVCLightningCLI:
+    return TVCLightningCLI(
+        TVCModule,
+        TVCDataModule,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""TVCDataModule: long-CoT samples from WebDataset shards, DVR-transformed and tokenized on the fly."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from tvc_lightning.data.collate import Collator
+from tvc_lightning.data.dvr import DVRTransform
+from tvc_lightning.data.schema import SampleRecord
+from tvc_lightning.data.shards import (
+    ShardDataset,
+    SkipCounter,
+    SkipSample,
+    load_split,
+    resolve_urls,
+)
+from tvc_lightning.data.tokenize import ChatFormat, SampleEncoder
+from tvc_lightning.hf import load_processor
+
+
+class TVCDataModule(L.LightningDataModule):
+    """WebDataset shards -> DVR transform -> tokenize -> padded batches.
+
+    Training streams shards (split across ranks and DataLoader workers, shuffled, decoded safely,
+    bad records skipped and counted in ``skip_counter``). Validation is a finite split read once
+    and divided equally across ranks, so every rank runs the same number of steps.
+
+    Args:
+        model_name_or_path: Checkpoint whose tokenizer and image processor encode the samples
+            (linked to ``model.model_name_or_path`` by the CLI).
+        train_shards: Training shards: a directory of ``.tar`` files, a brace pattern
+            (``data/train-{000000..000127}.tar``), a glob, or URLs (``s3://``, ``pipe:``).
+        val_shards: Validation shards (same forms); none disables validation.
+        batch_size: Samples per device per step.
+        num_workers: DataLoader worker processes per device.
+        shuffle_buffer: Sample shuffle buffer per worker (0: shard order shuffle only).
+        resampled: Draw shards with replacement forever (epochs are ``train_samples`` long); use
+            it on many GPUs, where equal step counts per rank matter more than exact coverage.
+        train_samples: Samples per epoch; counted from the shards when they are local files.
+        max_length: Samples longer than this many tokens (after DVR) are skipped and counted.
+        min_pixels: Override of the image processor's minimum pixels per image.
+        max_pixels: Override of the image processor's maximum pixels per image (TVC: 512*512).
+        question_suffix: Text appended to every question (e.g. TVC's long-reasoning instruction).
+        dvr: The DVR transform; ``dvr.p: 0`` trains plain SFT on the same data.
+        seed: Seed of shard order, shuffle buffer and DVR choices.
+        pad_to_multiple_of: Round padded batch length up to a multiple of this.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        train_shards: str,
+        val_shards: str | None = None,
+        batch_size: int = 1,
+        num_workers: int = 2,
+        shuffle_buffer: int = 256,
+        resampled: bool = False,
+        train_samples: int | None = None,
+        max_length: int = 8192,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        question_suffix: str = "",
+        dvr: DVRTransform | None = None,
+        seed: int = 0,
+        pad_to_multiple_of: int = 1,
+    ) -> None:
+        super().__init__()
+        self.model_name_or_path = model_name_or_path
+        self.train_shards = train_shards
+        self.val_shards = val_shards
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.train_samples = train_samples
+        self.max_length = max_length
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.question_suffix = question_suffix
+        self.dvr = dvr if dvr is not None else DVRTransform()
+        self.seed = seed
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.skip_counter = SkipCounter()
+        self.encoder: SampleEncoder | None = None
+        self.train_dataset: ShardDataset | None = None
+        self.val_records: list[tuple[SampleRecord, list[Any]]] = []
+        self.val_dataset: Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.encoder is None:
+            processor = load_processor(self.model_name_or_path, self.min_pixels, self.max_pixels)
+            self.processor = processor
+            self.encoder = SampleEncoder(
+                processor, max_length=self.max_length, dvr=self.dvr,
+                chat=ChatFormat(question_suffix=self.question_suffix),
+            )
+            self.collator = Collator(processor.tokenizer.pad_token_id, self.pad_to_multiple_of)
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = ShardDataset(
+                self.train_shards, self.encoder, self.skip_counter,
+                shuffle_buffer=self.shuffle_buffer, seed=self.seed, resampled=self.resampled,
+            )
+            if self.train_samples is None:
+                self.train_samples = count_samples(self.train_shards)
+        if stage in (None, "fit", "validate") and self.val_shards and self.val_dataset is None:
+            self._setup_val()
+
+    def _setup_val(self) -> None:
+        world, rank = _world()
+        val_counter = SkipCounter()
+        # Read the whole split on every rank (it is small), encode it, then divide it equally:
+        # skipping happens before the division so the ranks' step counts stay equal.
+        records = load_split(self.val_shards, val_counter, world_size=1, rank=0)
+        encoded, kept = [], []
+        for record, images in records:
+            try:
+                encoded.append(self.encoder(record, images, 0))  # type: ignore[misc]
+                kept.append((record, images))
+            except SkipSample as skip:
+                val_counter.add(skip.reason)
+        per_rank = len(encoded) // world
+        if per_rank == 0:
+            raise ValueError(
+                f"data.val_shards={self.val_shards!r}: {len(encoded)} usable samples for "
+                f"{world} ranks (skipped: {val_counter.as_dict()})"
+            )
+        picks = range(rank, per_rank * world, world)
+        self.val_records = [kept[i] for i in picks]
+        self.val_dataset = _ListDataset([encoded[i] for i in picks])
+        rank_zero_info(
+            f"validation: {per_rank} samples per rank x {world}; skipped {val_counter.as_dict()}"
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed shard order, shuffle and DVR for ``epoch`` (called by TVCModule each epoch)."""
+        if self.train_dataset is not None:
+            self.train_dataset.set_epoch(epoch)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_dataset is not None, "setup('fit') first"
+        world, _ = _world()
+        length = max(1, (self.train_samples or 0) // world)
+        return self._loader(_Sized(self.train_dataset, length), self.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []
+        return self._loader(self.val_dataset, 0)
+
+    def _loader(self, dataset: Dataset, workers: int) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.batch_size, collate_fn=self.collator, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+        )
+
+
+class _Sized(IterableDataset):
+    """An iterable dataset with a nominal length: the epoch length Lightning plans with."""
+
+    def __init__(self, dataset: ShardDataset, length: int) -> None:
+        self.dataset, self.length = dataset, length
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class _ListDataset(Dataset):
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def count_samples(urls: str) -> int:
+    """Samples (distinct keys with a ``.json`` member) in local shards; reads tar headers only."""
+    paths = resolve_urls(urls)
+    keys: set[tuple[str, str]] = set()
+    for path in paths:
+        if "://" in path or path.startswith("pipe:"):
+            raise ValueError(
+                f"data.train_shards={urls!r} is remote: set data.train_samples to the epoch length"
+            )
+        try:
+            with tarfile.open(path) as tar:
+                for name in tar.getnames():
+                    if name.endswith(".json"):
+                        keys.add((path, name[: -len(".json")]))
+        except (tarfile.TarError, OSError):
+            continue  # unreadable shards are counted as bad_tar when the stream reaches them
+    if not keys:
+        raise FileNotFoundError(f"data.train_shards={urls!r}: no samples found")
+    return len(keys)
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0

@@ -1,0 +1,136 @@
+"""Turn a sample record and its images into model inputs: chat template, placeholders, labels.
+
+The text is built exactly as Qwen2-VL's chat template and processor build it (system turn, images
+as ``<|vision_start|>`` + one ``<|image_pad|>`` per merged token + ``<|vision_end|>`` before the
+question, then the assistant turn) and tokenized in one call, so with DVR off the ids equal HF's.
+DVR adds ``bridge + <|vision_start|> pooled pads <|vision_end|>`` inside the response. Labels come
+from character spans through the tokenizer's offsets: the response, the bridging prompts and the
+closing ``<|im_end|>`` are learned; image tokens, the system prompt and the question never are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from tvc_lightning.data.dvr import DVRTransform
+from tvc_lightning.data.schema import SampleRecord
+from tvc_lightning.data.shards import SkipSample
+from tvc_lightning.vision import merged_grids, mrope_positions, pooled_grid
+
+IGNORE_INDEX = -100
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+@dataclass
+class ChatFormat:
+    """Qwen2-VL chat markers; the defaults are Qwen2-VL-Instruct's."""
+
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    question_suffix: str = ""
+    image_token: str = "<|image_pad|>"
+    vision_start: str = "<|vision_start|>"
+    vision_end: str = "<|vision_end|>"
+
+    def image(self, n_tokens: int) -> str:
+        return self.vision_start + self.image_token * n_tokens + self.vision_end
+
+    def prompt(self, question: str, image_tokens: list[int]) -> str:
+        """Everything before the assistant's first token (``...<|im_start|>assistant\\n``)."""
+        images = "".join(self.image(n) for n in image_tokens)
+        return (
+            f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n"
+            f"<|im_start|>user\n{images}{question}{self.question_suffix}<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        )
+
+
+class SampleEncoder:
+    """Encode one record (+ PIL images) for training; callable as ``encode(record, images, epoch)``.
+
+    Returns a dict of unbatched tensors: ``input_ids``, ``labels``, ``position_ids`` (3, L),
+    ``pixel_values``, ``image_grid_thw``, ``visual_segments`` (rows ``(image index, kernel)``) and
+    ``num_injections``. Raises ``SkipSample("too_long")`` beyond ``max_length`` tokens.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        max_length: int = 8192,
+        dvr: DVRTransform | None = None,
+        chat: ChatFormat | None = None,
+    ) -> None:
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.merge_size = int(self.image_processor.merge_size)
+        self.max_length = max_length
+        self.dvr = dvr
+        self.chat = chat or ChatFormat()
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.chat.image_token)
+        if not self.tokenizer.is_fast:
+            raise ValueError("SampleEncoder needs a fast tokenizer (it reads token offsets)")
+
+    def __call__(self, record: SampleRecord, images: list[Image.Image], epoch: int = 0) -> dict:
+        if not images:
+            raise SkipSample("bad_record")
+        vision = self.image_processor(images=images, return_tensors="pt")
+        grids = merged_grids(vision["image_grid_thw"], self.merge_size)
+        text, targets, segments, n_injections = self._layout(record, grids, epoch)
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        input_ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+        if input_ids.numel() > self.max_length:
+            raise SkipSample("too_long")
+        labels = self._labels(input_ids, enc["offset_mapping"], targets)
+        visual_segments = torch.tensor(segments, dtype=torch.long).reshape(-1, 2)
+        seg_grids = [pooled_grid(*grids[i], k) for i, k in segments]
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": mrope_positions(input_ids, self.image_token_id, seg_grids),
+            "pixel_values": vision["pixel_values"],
+            "image_grid_thw": vision["image_grid_thw"],
+            "visual_segments": visual_segments,
+            "num_injections": n_injections,
+        }
+
+    def _layout(
+        self, record: SampleRecord, grids: list[tuple[int, int]], epoch: int
+    ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]], int]:
+        """The full text, its learned character spans, and its visual segments in order."""
+        n_images = len(grids)
+        text = self.chat.prompt(record.question, [h * w for h, w in grids])
+        segments = [(i, 1) for i in range(n_images)]
+        targets: list[tuple[int, int]] = []
+        response = record.response.strip()
+        plan = self.dvr.plan(record.id, response, epoch) if self.dvr is not None else []
+        cursor = 0
+        for inj in plan:
+            # Response text up to the point, then the bridging prompt: all learned.
+            start = len(text)
+            text += response[cursor : inj.offset] + inj.bridge
+            targets.append((start, len(text)))
+            k = self.dvr.pool_kernel  # type: ignore[union-attr]
+            for i, (h, w) in enumerate(grids):
+                ph, pw = pooled_grid(h, w, k)
+                text += self.chat.image(ph * pw)
+                segments.append((i, k))
+            cursor = inj.offset
+        start = len(text)
+        text += response[cursor:] + "<|im_end|>"
+        targets.append((start, len(text)))
+        text += "\n"
+        return text, targets, segments, len(plan)
+
+    def _labels(
+        self, input_ids: torch.Tensor, offsets: list[tuple[int, int]], targets: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        starts = torch.tensor([s for s, _ in offsets], dtype=torch.long)
+        learned = torch.zeros_like(input_ids, dtype=torch.bool)
+        for a, b in targets:
+            learned |= (starts >= a) & (starts < b)
+        # Visual markers inside a learned span (none today) would still never be learned.
+        learned &= input_ids != self.image_token_id
+        return torch.where(learned, input_ids, torch.full_like(input_ids, IGNORE_INDEX))

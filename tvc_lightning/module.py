@@ -1,0 +1,225 @@
+"""TVCModule: the LightningModule that trains Qwen2-VL with DVR samples."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from tvc_lightning.hf import load_model
+from tvc_lightning.loss import chunked_cross_entropy
+from tvc_lightning.vision import encode_images, merged_grids, segment_features
+
+# Trainer precision -> dtype the weights are loaded in. Mixed precision keeps fp32 weights (autocast
+# or DeepSpeed/FSDP do the casting); "-true" precisions load directly in the low-precision dtype.
+_LOAD_DTYPE = {"bf16-true": "bfloat16", "16-true": "float16"}
+
+
+class TVCModule(L.LightningModule):
+    """Qwen2-VL (HF transformers) fine-tuned on long-CoT samples with DVR re-injected images.
+
+    The vision tower runs once per distinct image; re-injected copies reuse its tokens, average-
+    pooled on the merged grid, and get M-RoPE positions on their pooled grid (computed by the data
+    pipeline). The loss is chunked cross-entropy over labelled positions only, so full-vocabulary
+    fp32 logits of a whole sequence never exist.
+
+    Args:
+        model_name_or_path: Local HF checkpoint directory (or hub id) of a Qwen2-VL model.
+        freeze: Parameter-name prefixes to freeze; ``visual`` freezes the whole vision tower with
+            its merger, as TVC did. Names are those of ``Qwen2VLForConditionalGeneration``, with or
+            without the leading ``model.``.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_ratio: Fraction of the optimizer steps spent in linear warmup before cosine decay.
+        min_lr_ratio: The cosine decays to ``lr * min_lr_ratio``.
+        gradient_checkpointing: Recompute decoder-layer activations in backward to save memory.
+        loss_chunk_size: Labelled positions per cross-entropy chunk (bounds the logits' memory).
+        attn_implementation: HF attention backend: ``sdpa``, ``eager`` or ``flash_attention_2``.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        freeze: list[str] | None = None,
+        lr: float = 2e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.1,
+        min_lr_ratio: float = 0.0,
+        gradient_checkpointing: bool = False,
+        loss_chunk_size: int = 1024,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.freeze_prefixes = ["visual"] if freeze is None else list(freeze)
+        self.model: Any = None
+        self._batch_started = 0.0
+
+    # -- model -----------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Load the HF model (once); Lightning calls this inside the strategy's init context."""
+        if self.model is not None:
+            return
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        self.model = load_model(
+            self.hparams.model_name_or_path,
+            dtype=_LOAD_DTYPE.get(precision, "float32"),
+            attn_implementation=self.hparams.attn_implementation,
+        )
+        self.model.config.use_cache = False
+        self._apply_freeze()
+        if self.hparams.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+
+    def _apply_freeze(self) -> None:
+        names = [n for n, _ in self.model.named_parameters()]
+        for prefix in self.freeze_prefixes:
+            candidates = (prefix, f"model.{prefix}")
+            hits = [n for n in names if any(n == c or n.startswith(c + ".") for c in candidates)]
+            if not hits:
+                raise ValueError(f"model.freeze: {prefix!r} matches no parameter of the model")
+            for name, param in self.model.named_parameters():
+                if name in hits:
+                    param.requires_grad_(False)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def input_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with every visual segment's features scattered into its placeholders."""
+        input_ids = batch["input_ids"]
+        embeds = self.model.get_input_embeddings()(input_ids)
+        pixel_values = batch.get("pixel_values")
+        if pixel_values is None or pixel_values.numel() == 0:
+            return embeds
+        visual = self.model.model.visual
+        frozen = not any(p.requires_grad for p in visual.parameters())
+        # A frozen tower needs no activations kept for backward.
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            images = encode_images(visual, pixel_values, batch["image_grid_thw"])
+        grids = merged_grids(batch["image_grid_thw"], visual.spatial_merge_size)
+        features = segment_features(images, grids, batch["visual_segments"]).to(embeds.dtype)
+        mask = input_ids == self.image_token_id
+        if int(mask.sum()) != features.shape[0]:
+            raise ValueError(
+                f"batch has {int(mask.sum())} image placeholder tokens but its visual segments "
+                f"give {features.shape[0]} features"
+            )
+        return embeds.masked_scatter(mask.unsqueeze(-1), features)
+
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final-norm hidden states ``(B, L, D)`` of the language model."""
+        out = self.model.model.language_model(
+            inputs_embeds=self.input_embeddings(batch),
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Full logits ``(B, L, V)``: for tests and short inputs; training never builds them."""
+        return self.model.lm_head(self.hidden_states(batch))
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean next-token cross-entropy over labelled positions, and the number of them."""
+        hidden = self.hidden_states(batch)
+        loss_sum, n_tokens = chunked_cross_entropy(
+            hidden[:, :-1], self.model.lm_head, batch["labels"][:, 1:],
+            chunk_size=self.hparams.loss_chunk_size,
+        )
+        return loss_sum / n_tokens.clamp(min=1), n_tokens
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning sets epochs on samplers only; the shard stream and DVR read it from here.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self.loss(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/dvr_injections_per_sample", batch["num_injections"].float().mean(),
+                 batch_size=size)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._batch_started
+        tokens = float(batch["attention_mask"].sum())
+        self.log("train/tokens_per_s_per_device", tokens / max(elapsed, 1e-9))
+        schedulers = self.lr_schedulers()
+        if schedulers is not None:
+            self.log("train/lr", schedulers.get_last_lr()[0])
+        self._log_skipped()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self.loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True,
+                 batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self.loss(batch)
+        self.log("test/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _log_skipped(self) -> None:
+        counter = getattr(getattr(self.trainer, "datamodule", None), "skip_counter", None)
+        if counter is None:
+            return
+        counts = counter.as_dict()
+        for reason, n in counts.items():
+            self.log(f"data/skipped_{reason}", float(n), reduce_fx="sum", sync_dist=True)
+
+    # -- optimization ----------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model.freeze froze every parameter: nothing to train")
+        optimizer = torch.optim.AdamW(
+            params, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+            weight_decay=self.hparams.weight_decay,
+        )
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "the cosine schedule needs a known number of steps: set trainer.max_steps "
+                "(or data.train_samples for an unsized shard stream)"
+            )
+        schedule = cosine_with_warmup(int(total), self.hparams.warmup_ratio,
+                                      self.hparams.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float, min_ratio: float = 0.0):
+    """LR multiplier per step: linear warmup over ``warmup_ratio * total``, then cosine decay."""
+    warmup = int(math.ceil(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
