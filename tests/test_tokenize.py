@@ -38,7 +38,7 @@ def test_dvr_off_equals_hf_processor(tiny):
     images = [random_image(150, 200, seed=1), random_image(90, 60, seed=2)]
     encoder = SampleEncoder(processor, dvr=None)
     batch = Collator(processor.tokenizer.pad_token_id)(
-        [encoder(r, [im], epoch=0) for r, im in zip(records, images)]
+        [encoder(r, [im], epoch=0) for r, im in zip(records, images, strict=True)]
     )
     hf = _hf_batch(processor, records, images)
     assert torch.equal(batch["input_ids"], hf["input_ids"])

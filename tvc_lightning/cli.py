@@ -7,6 +7,8 @@ dotted overrides (``--model.lr 1e-5``) work as in any LightningCLI.
 
 from __future__ import annotations
 
+import warnings
+
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from tvc_lightning.data.datamodule import TVCDataModule
@@ -22,6 +24,9 @@ class TVCLightningCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> TVCLightningCLI:
+    # The shard stream splits its work across DataLoader workers itself, so its nominal __len__ is
+    # accurate; Lightning cannot know that and warns on every run.
+    warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
     return TVCLightningCLI(
         TVCModule,
         TVCDataModule,

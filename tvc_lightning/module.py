@@ -74,6 +74,7 @@ class TVCModule(L.LightningModule):
             attn_implementation=self.hparams.attn_implementation,
         )
         self.model.config.use_cache = False
+        self.model.train()  # from_pretrained returns eval mode; Lightning switches it for validation
         self._apply_freeze()
         if self.hparams.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(

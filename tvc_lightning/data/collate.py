@@ -29,7 +29,7 @@ class Collator:
         attention_mask = torch.zeros((batch, width), dtype=torch.long)
         position_ids = torch.zeros((3, batch, width), dtype=torch.long)
         segments, image_offset = [], 0
-        for b, (s, n) in enumerate(zip(samples, lengths)):
+        for b, (s, n) in enumerate(zip(samples, lengths, strict=True)):
             input_ids[b, :n] = s["input_ids"]
             labels[b, :n] = s["labels"]
             attention_mask[b, :n] = 1

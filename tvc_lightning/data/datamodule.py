@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tarfile
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,6 +17,7 @@ from tvc_lightning.data.shards import (
     ShardDataset,
     SkipCounter,
     SkipSample,
+    dist_rank_world,
     load_split,
     resolve_urls,
 )
@@ -113,7 +113,7 @@ class TVCDataModule(L.LightningDataModule):
             self._setup_val()
 
     def _setup_val(self) -> None:
-        world, rank = _world()
+        rank, world = dist_rank_world()
         val_counter = SkipCounter()
         # Read the whole split on every rank (it is small), encode it, then divide it equally:
         # skipping happens before the division so the ranks' step counts stay equal.
@@ -145,7 +145,10 @@ class TVCDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None, "setup('fit') first"
-        world, _ = _world()
+        _, world = dist_rank_world()
+        # The first epoch's (or a resumed epoch's) iterator starts before on_train_epoch_start.
+        if self.trainer is not None:
+            self.train_dataset.set_epoch(self.trainer.current_epoch)
         length = max(1, (self.train_samples or 0) // world)
         return self._loader(_Sized(self.train_dataset, length), self.num_workers)
 
@@ -204,9 +207,3 @@ def count_samples(urls: str) -> int:
     if not keys:
         raise FileNotFoundError(f"data.train_shards={urls!r}: no samples found")
     return len(keys)
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0

@@ -1,0 +1,77 @@
+"""TVCDataModule: bad records are skipped and counted while training goes on."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from PIL import Image
+
+from tvc_lightning.data.datamodule import TVCDataModule, count_samples
+from tvc_lightning.data.dvr import DVRTransform
+from tvc_lightning.data.schema import SampleRecord
+from tvc_lightning.module import TVCModule
+
+
+def _png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _good(i: int) -> bytes:
+    return SampleRecord(id=f"g{i}", question="How many squares?", answer="3",
+                        response=f"I count {i} things. Wait, let me check. It is 3.").to_json()
+
+
+def _write_shards(root: Path) -> None:
+    root.mkdir(parents=True)
+    with tarfile.open(root / "a-000000.tar", "w") as tar:
+        for i in range(6):
+            _add(tar, f"g{i}.json", _good(i))
+            _add(tar, f"g{i}.png", _png(i))
+        _add(tar, "badjson.json", b"{not json")
+        _add(tar, "badjson.png", _png(9))
+        _add(tar, "nofield.json", b'{"id": "x", "question": "q"}')
+        _add(tar, "nofield.png", _png(9))
+        _add(tar, "badimg.json", _good(100).replace(b'"g100"', b'"badimg"'))
+        _add(tar, "badimg.png", b"\x89PNG garbage")
+        long = SampleRecord(id="long", question="q", answer="1", response="word " * 2000)
+        _add(tar, "long.json", long.to_json())
+        _add(tar, "long.png", _png(3))
+    with tarfile.open(root / "a-000001.tar", "w") as tar:
+        for i in range(6, 12):
+            _add(tar, f"g{i}.json", _good(i))
+            _add(tar, f"g{i}.png", _png(i))
+    data = (root / "a-000001.tar").read_bytes()
+    (root / "a-000001.tar").write_bytes(data[: len(data) // 2 + 100])  # truncated mid-member
+
+
+def test_bad_records_are_skipped_counted_and_training_continues(tmp_path, tiny_checkpoint):
+    shards = tmp_path / "train"
+    _write_shards(shards)
+    dm = TVCDataModule(str(tiny_checkpoint), str(shards), batch_size=2, num_workers=1,
+                       shuffle_buffer=0, max_length=512, dvr=DVRTransform(p=1.0, pool_kernel=2))
+    module = TVCModule(str(tiny_checkpoint), lr=1e-3)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    counts = dm.skip_counter.as_dict()
+    assert counts["bad_json"] == 1
+    assert counts["bad_record"] == 1
+    assert counts["bad_image"] == 1
+    assert counts["too_long"] == 1
+    assert counts["bad_tar"] == 1
+    # 6 good samples in the intact shard + those before the cut in the truncated one.
+    assert trainer.global_step >= 3
+    assert count_samples(str(shards)) >= 10  # headers of the intact shard at least
