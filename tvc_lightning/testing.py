@@ -177,6 +177,10 @@ def tiny_qwen2vl(seed: int = 0, attn_implementation: str = "sdpa") -> tuple[Any,
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
+    tok = processor.tokenizer
+    # As Qwen2-VL-Instruct's generation_config.json: a turn ends at <|im_end|> or <|endoftext|>.
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    model.generation_config.pad_token_id = tok.pad_token_id
     return model, processor
 
 

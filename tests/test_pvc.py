@@ -1,0 +1,194 @@
+"""PVC decoding on the tiny model (fp32, CPU): equal to HF generate, to the naive re-prefill
+path, to one-at-a-time decoding, and to the training forward on the final sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import random_image
+from tvc_lightning.data.collate import Collator
+from tvc_lightning.data.tokenize import ChatFormat
+from tvc_lightning.module import TVCModule
+from tvc_lightning.pvc import PVCConfig, pvc_generate
+from tvc_lightning.pvc.triggers import Trigger, TriggerDetector
+from tvc_lightning.vision import merged_grids, mrope_positions, pooled_grid
+
+QUESTIONS = ["How many circles?", "What colour is the biggest shape here?", "Count the squares."]
+
+
+def _images():
+    return [[random_image(150, 120, 1)], [random_image(224, 224, 2)],
+            [random_image(100, 180, 3), random_image(84, 84, 4)]]
+
+
+class ScriptedTriggers:
+    """Fires the n-th calibration's trigger when the segment since the last one reaches the
+    given length: exercises rollback, bridge-only and periodic chunks whatever the random
+    model writes."""
+
+    def __init__(self, script: list[tuple[int, Trigger]]) -> None:
+        self.script = script
+
+    def check(self, segment: list[int], calibrations: int) -> Trigger | None:
+        if calibrations < len(self.script) and len(segment) == self.script[calibrations][0]:
+            return self.script[calibrations][1]
+        return None
+
+
+SCRIPT = [
+    (5, Trigger("periodic", 0, " Let me look at the figure once more.")),
+    (6, Trigger("reflection", 3, " Let me check the image again.")),
+    (9, Trigger("bridge", 0, None)),
+]
+
+
+def _hf_greedy(model, processor, question, images, max_new_tokens):
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    inputs = processor(text=[text], images=images, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_triggers_off_equals_hf_generate_greedy(tiny):
+    model, processor = tiny
+    config = PVCConfig(max_calibrations=0, max_new_tokens=30)
+    results = pvc_generate(model, processor, QUESTIONS, _images(), config)
+    for question, images, result in zip(QUESTIONS, _images(), results, strict=True):
+        assert result.token_ids == _hf_greedy(model, processor, question, images, 30)
+        assert result.calibrations == []
+        assert result.finish_reason == ("eos" if len(result.token_ids) < 30 else "length")
+
+
+@pytest.mark.parametrize("reset", ["visual", "none"])
+def test_kv_preserving_equals_naive_recompute(tiny, reset):
+    model, processor = tiny
+    config = PVCConfig(reset=reset, max_new_tokens=40, min_new_tokens=40)
+    kv = pvc_generate(model, processor, QUESTIONS, _images(), config,
+                      triggers=ScriptedTriggers(SCRIPT))
+    naive = pvc_generate(model, processor, QUESTIONS, _images(), config, recompute=True,
+                         triggers=ScriptedTriggers(SCRIPT))
+    for a, b in zip(kv, naive, strict=True):
+        assert [c.trigger for c in a.calibrations] == ["periodic", "reflection", "bridge"]
+        assert a.token_ids == b.token_ids
+        assert a.calibrations == b.calibrations
+
+
+def test_reset_changes_what_the_model_sees(tiny):
+    model, processor = tiny
+    runs = {reset: pvc_generate(model, processor, QUESTIONS, _images(),
+                                PVCConfig(reset=reset, max_new_tokens=40, min_new_tokens=40),
+                                triggers=ScriptedTriggers(SCRIPT)) for reset in ("visual", "none")}
+    assert any(a.token_ids != b.token_ids for a, b in zip(runs["visual"], runs["none"], strict=True))
+
+
+def test_batched_equals_one_at_a_time(tiny):
+    model, processor = tiny
+    config = PVCConfig(max_new_tokens=40, min_new_tokens=40)
+    batched = pvc_generate(model, processor, QUESTIONS, _images(), config,
+                           triggers=ScriptedTriggers(SCRIPT))
+    for i, (question, images) in enumerate(zip(QUESTIONS, _images(), strict=True)):
+        (single,) = pvc_generate(model, processor, [question], [images], config,
+                                 triggers=ScriptedTriggers(SCRIPT))
+        assert single.token_ids == batched[i].token_ids
+        assert single.calibrations == batched[i].calibrations
+
+
+def test_calibration_chunk_layout_and_training_forward_agree(tiny):
+    """The final sequence, laid out as DVR training data and run through TVCModule's forward,
+    predicts every generated token greedily (reset none: nothing is hidden)."""
+    model, processor = tiny
+    tok = processor.tokenizer
+    (images,) = [_images()[2]]
+    config = PVCConfig(reset="none", pool_kernel=2, max_new_tokens=40, min_new_tokens=40)
+    (result,) = pvc_generate(model, processor, [QUESTIONS[2]], [images], config,
+                             triggers=ScriptedTriggers(SCRIPT))
+    vision = processor.image_processor(images=images, return_tensors="pt")
+    grids = merged_grids(vision["image_grid_thw"], 2)
+    prompt = ChatFormat().prompt(QUESTIONS[2], [h * w for h, w in grids])
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(prompt_ids + result.token_ids)
+    segments = [(i, 1) for i in range(len(grids))]
+    for calibration in result.calibrations:
+        segments += [(i, 2) for i in range(len(grids))]
+        chunk = tok.decode(result.token_ids[calibration.index:][:calibration.length])
+        bridge = {"periodic": " Let me look at the figure once more.", "bridge": "",
+                  "reflection": " Let me check the image again."}[calibration.trigger]
+        pads = "".join(f"<|vision_start|>{'<|image_pad|>' * (h * w)}<|vision_end|>"
+                       for h, w in (pooled_grid(*g, 2) for g in grids))
+        assert chunk == bridge + pads
+    seg_grids = [pooled_grid(*grids[i], k) for i, k in segments]
+    sample = {"input_ids": ids, "labels": ids.clone(), "num_injections": 0,
+              "position_ids": mrope_positions(ids, model.config.image_token_id, seg_grids),
+              "pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"],
+              "visual_segments": torch.tensor(segments)}
+    batch = Collator(tok.pad_token_id)([sample])
+    module = TVCModule("unused", freeze=[])
+    module.model = model
+    with torch.no_grad():
+        logits = module(batch)[0]
+    logits[:, tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])] = float("-inf")
+    predicted = logits.argmax(-1)
+    # Tokens the model chose (not injected) are each the argmax at the previous position
+    # (end-of-turn suppressed, as min_new_tokens did while decoding).
+    injected = {i for c in result.calibrations for i in range(c.index, c.index + c.length)}
+    chosen = [i for i in range(len(result.token_ids)) if i not in injected]
+    offset = len(prompt_ids)
+    assert len(chosen) > 20
+    for i in chosen:
+        assert int(predicted[offset + i - 1]) == result.token_ids[i], i
+
+
+def test_sampling_is_seeded(tiny):
+    model, processor = tiny
+    config = PVCConfig(max_calibrations=0, max_new_tokens=20, do_sample=True, temperature=1.5,
+                       top_p=0.9, top_k=50, repetition_penalty=1.05, seed=3)
+    a = pvc_generate(model, processor, QUESTIONS[:1], _images()[:1], config)
+    b = pvc_generate(model, processor, QUESTIONS[:1], _images()[:1], config)
+    config.seed = 4
+    c = pvc_generate(model, processor, QUESTIONS[:1], _images()[:1], config)
+    assert a[0].token_ids == b[0].token_ids
+    assert a[0].token_ids != c[0].token_ids
+
+
+def test_repetition_penalty_matches_hf(tiny):
+    model, processor = tiny
+    config = PVCConfig(max_calibrations=0, max_new_tokens=25, repetition_penalty=1.3)
+    (ours,) = pvc_generate(model, processor, QUESTIONS[:1], _images()[:1], config)
+    images = _images()[0]
+    content = [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    inputs = processor(text=[text], images=images, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=25, do_sample=False, repetition_penalty=1.3)
+    assert ours.token_ids == out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_trigger_detector_on_text(tiny):
+    _, processor = tiny
+    tok = processor.tokenizer
+    config = PVCConfig(min_gap=2, every_n_tokens=None)
+    detector = TriggerDetector(config, tok)
+
+    def fire(text: str) -> list[tuple[int, Trigger]]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        return [(n, t) for n in range(1, len(ids) + 1)
+                if (t := detector.check(ids[:n], 0)) is not None]
+
+    fired = fire("So there are 3 circles. Wait, let me recount them.")
+    assert len(fired) == 1
+    n, trigger = fired[0]
+    ids = tok("So there are 3 circles. Wait, let me recount them.", add_special_tokens=False)
+    kept = tok.decode(ids["input_ids"][: n - trigger.rollback])
+    assert kept.rstrip() == "So there are 3 circles."
+    assert trigger.kind == "reflection" and trigger.bridge == " " + config.bridges[0]
+    # Mid-sentence "wait", and "Waiting", do not fire; a model-emitted bridge does.
+    assert fire("I will wait here. Waiting is fine.") == []
+    (_, bridge), = fire("Two squares. Let me check the image again.")
+    assert bridge.kind == "bridge" and bridge.rollback == 0 and bridge.bridge is None
+    periodic = TriggerDetector(PVCConfig(every_n_tokens=5, min_gap=1, on_reflection=False), tok)
+    ids = tok("one two three four five six. seven", add_special_tokens=False)["input_ids"]
+    hits = [n for n in range(1, len(ids) + 1) if periodic.check(ids[:n], 0)]
+    assert len(hits) == 1 and tok.decode(ids[:hits[0]]).endswith(".")

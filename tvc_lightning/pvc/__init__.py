@@ -1,0 +1,6 @@
+"""PVC (Periodic Visual Calibration): decoding that re-shows the image at reflection points."""
+
+from tvc_lightning.pvc.config import PVCConfig
+from tvc_lightning.pvc.decode import Calibration, PVCResult, pvc_generate
+
+__all__ = ["Calibration", "PVCConfig", "PVCResult", "pvc_generate"]

@@ -1,0 +1,361 @@
+"""PVC decoding: a batched, KV-preserving decode loop that re-shows the image mid-reasoning.
+
+The loop owns its KV cache. Every cache column has a *kind* (``-1`` hidden, ``0`` text, ``1``
+original image, ``2`` re-injected copy); the attention mask is ``kind >= 0``. So a row can
+roll back tokens, drop its original image (``reset: visual``) or carry padding holes without
+touching other rows or re-running anything: those columns are simply hidden from later queries.
+A calibration appends ``bridge + <|vision_start|> pooled pads <|vision_end|>`` as one chunk whose
+M-RoPE positions continue the row's sequence, with features pooled once per image from the
+vision tower's single pass. ``recompute=True`` is the naive baseline: at each calibration the
+whole sequence is re-prefilled from scratch (same visibility rules, as a 4-D mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from tvc_lightning.data.tokenize import ChatFormat
+from tvc_lightning.pvc.config import PVCConfig
+from tvc_lightning.pvc.sampling import next_tokens
+from tvc_lightning.pvc.triggers import Trigger, TriggerDetector
+from tvc_lightning.vision import (
+    encode_images,
+    merged_grids,
+    mrope_positions,
+    pool_visual_tokens,
+    pooled_grid,
+    segment_features,
+)
+
+TEXT, ORIGINAL, COPY, HIDDEN = 0, 1, 2, -1
+_VISIBLE = 1 << 62  # "hidden from" index of a column nobody stops seeing
+
+
+@dataclass
+class Calibration:
+    """One calibration: after ``step`` generated tokens, ``length`` injected tokens (bridge,
+    vision markers, pooled image pads) starting at ``token_ids[index]``."""
+
+    step: int
+    index: int
+    length: int
+    trigger: str
+
+
+@dataclass
+class PVCResult:
+    """One sample's output. ``token_ids`` is what the model saw after the prompt: its own tokens
+    and the injected chunks (bridge, vision markers, pooled image pads); ``text`` decodes it
+    without special tokens, so the image pads vanish and bridges remain."""
+
+    token_ids: list[int]
+    text: str
+    calibrations: list[Calibration]
+    num_generated: int
+    finish_reason: str
+
+
+@dataclass
+class _Row:
+    """Decoding state of one sample; ``seq_*`` lists describe its clean sequence token by token."""
+
+    sample: int
+    images: list[torch.Tensor]
+    grids: list[tuple[int, int]]
+    seq_ids: list[int]
+    seq_kinds: list[int]
+    seq_pos: list[tuple[int, int, int]]
+    seq_hidden_from: list[int]
+    seq_cols: list[int] = field(default_factory=list)
+    segments: list[tuple[int, int]] = field(default_factory=list)
+    pooled: dict[int, torch.Tensor] = field(default_factory=dict)
+    generated: list[int] = field(default_factory=list)
+    segment_start: int = 0
+    num_generated: int = 0
+    calibrations: list[Calibration] = field(default_factory=list)
+    finish: str | None = None
+    pending: list[int] = field(default_factory=list)
+    pending_kinds: list[int] = field(default_factory=list)
+    pending_pos: list[tuple[int, int, int]] = field(default_factory=list)
+    pending_features: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def next_position(self) -> int:
+        return max(self.seq_pos[-1]) + 1
+
+
+class _Decoder:
+    def __init__(self, model: Any, processor: Any, config: PVCConfig, chat: ChatFormat,
+                 recompute: bool, triggers: Any = None) -> None:
+        self.model, self.config, self.chat, self.recompute = model, config, chat, recompute
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.lm = model.model.language_model
+        self.embed = model.get_input_embeddings()
+        self.image_token_id = int(model.config.image_token_id)
+        self.vision_ids = self.tokenizer.convert_tokens_to_ids([chat.vision_start, chat.vision_end])
+        # The checkpoint's generation config says what ends a turn (Qwen2-VL: <|im_end|> and
+        # <|endoftext|>), as it does for HF generate.
+        eos = getattr(model.generation_config, "eos_token_id", None) or self.tokenizer.eos_token_id
+        self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.detector = triggers or TriggerDetector(config, self.tokenizer)
+        self.device = self.embed.weight.device
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _rows(self, questions: list[str], images: list[list[Image.Image]]) -> list[_Row]:
+        vision = [self.image_processor(images=imgs, return_tensors="pt") for imgs in images]
+        grid_thw = torch.cat([v["image_grid_thw"] for v in vision]).to(self.device)
+        pixels = torch.cat([v["pixel_values"] for v in vision]).to(self.device)
+        visual = self.model.model.visual
+        features = encode_images(visual, pixels, grid_thw)  # one tower pass for the whole batch
+        grids = merged_grids(grid_thw, visual.spatial_merge_size)
+        rows, k = [], 0
+        for sample, (question, imgs) in enumerate(zip(questions, images, strict=True)):
+            n = len(imgs)
+            row_grids = grids[k:k + n]
+            text = self.chat.prompt(question, [h * w for h, w in row_grids])
+            ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            pos = mrope_positions(ids, self.image_token_id, row_grids)
+            kinds = torch.where(ids == self.image_token_id, ORIGINAL, TEXT)
+            rows.append(_Row(sample, features[k:k + n], row_grids, ids.tolist(), kinds.tolist(),
+                             [tuple(p) for p in pos.T.tolist()], [_VISIBLE] * len(ids),
+                             segments=[(i, 1) for i in range(n)]))
+            k += n
+        return rows
+
+    # -- model calls -------------------------------------------------------------------------
+
+    def _prefill(self, rows: list[_Row]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """Run every row's clean sequence (+ pending chunk) from scratch, left-padded."""
+        for r in rows:
+            self._commit_pending(r, None)
+        width = max(len(r.seq_ids) for r in rows)
+        batch = len(rows)
+        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        kinds = torch.full((batch, width), HIDDEN, dtype=torch.long)
+        pos = torch.zeros((3, batch, width), dtype=torch.long)
+        hidden_from = torch.full((batch, width), -1, dtype=torch.long)
+        features = []
+        for b, r in enumerate(rows):
+            n, pad = len(r.seq_ids), width - len(r.seq_ids)
+            ids[b, pad:] = torch.tensor(r.seq_ids)
+            seq_kinds = torch.tensor(r.seq_kinds)
+            seq_hidden = torch.tensor(r.seq_hidden_from)
+            kinds[b, pad:] = torch.where(seq_hidden < _VISIBLE, HIDDEN, seq_kinds)
+            pos[:, b, pad:] = torch.tensor(r.seq_pos).T
+            hidden_from[b, pad:] = seq_hidden
+            r.seq_cols = list(range(pad, pad + n))
+            features.append(segment_features(r.images, r.grids, torch.tensor(r.segments)))
+        ids, kinds, pos, hidden_from = (t.to(self.device) for t in (ids, kinds, pos, hidden_from))
+        if bool((hidden_from[hidden_from >= 0] == _VISIBLE).all()):
+            mask = (kinds >= 0).long()  # plain causal + padding: let HF pick its fastest kernel
+        else:
+            mask = self._visibility_mask(rows, hidden_from)
+        cache = DynamicCache()
+        logits = self._forward(ids, features, mask, pos, cache, torch.full((batch,), width - 1))
+        return cache, kinds, logits
+
+    def _visibility_mask(self, rows: list[_Row], hidden_from: torch.Tensor) -> torch.Tensor:
+        """4-D additive mask: query i sees key j iff j <= i, j is real and i is before j's
+        "hidden from" index (both in clean-sequence indices; rows are left-padded)."""
+        width = hidden_from.shape[1]
+        pads = torch.tensor([width - len(r.seq_ids) for r in rows], device=self.device)
+        q = torch.arange(width, device=self.device)
+        seq_q = q.view(1, -1, 1) - pads.view(-1, 1, 1)
+        allowed = (q.view(1, 1, -1) <= q.view(1, -1, 1)) & (hidden_from.unsqueeze(1) > seq_q)
+        allowed &= (hidden_from >= 0).unsqueeze(1)
+        allowed |= torch.eye(width, dtype=torch.bool, device=self.device)  # pad rows: not empty
+        mask = torch.zeros(allowed.shape, dtype=self.embed.weight.dtype, device=self.device)
+        return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min).unsqueeze(1)
+
+    def _forward(self, ids: torch.Tensor, features: list[torch.Tensor], mask: torch.Tensor,
+                 pos: torch.Tensor, cache: DynamicCache, last: torch.Tensor) -> torch.Tensor:
+        embeds = self.embed(ids)
+        if features:
+            image = (ids == self.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(image, torch.cat(features).to(embeds.dtype))
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                      past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state[torch.arange(ids.shape[0]), last.to(self.device)]
+        return self.model.lm_head(hidden).float()  # (B, V): only the positions we sample from
+
+    def _step(self, rows: list[_Row], cache: DynamicCache, kinds: torch.Tensor) -> tuple[
+            torch.Tensor, torch.Tensor]:
+        """Feed each row's pending tokens (a chunk or one token), right-padded with holes."""
+        width = max(len(r.pending) for r in rows)
+        batch, start = len(rows), kinds.shape[1]
+        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        new_kinds = torch.full((batch, width), HIDDEN, dtype=torch.long)
+        pos = torch.zeros((3, batch, width), dtype=torch.long)
+        features, last = [], torch.empty(batch, dtype=torch.long)
+        for b, r in enumerate(rows):
+            n = len(r.pending)
+            ids[b, :n] = torch.tensor(r.pending)
+            new_kinds[b, :n] = torch.tensor(r.pending_kinds)
+            pos[:, b, :n] = torch.tensor(r.pending_pos).T
+            features.extend(r.pending_features)
+            last[b] = n - 1
+            self._commit_pending(r, start)
+        kinds = torch.cat([kinds, new_kinds.to(self.device)], dim=1)
+        mask = (kinds >= 0).long()
+        logits = self._forward(ids.to(self.device), features, mask, pos.to(self.device), cache, last)
+        return kinds, logits
+
+    def _commit_pending(self, r: _Row, start: int | None) -> None:
+        """Move the pending tokens into the row's clean sequence (cache columns from ``start``)."""
+        n = len(r.pending)
+        r.seq_ids += r.pending
+        r.seq_kinds += r.pending_kinds
+        r.seq_pos += r.pending_pos
+        r.seq_hidden_from += [_VISIBLE] * n
+        if start is not None:
+            r.seq_cols += list(range(start, start + n))
+        r.pending, r.pending_kinds, r.pending_pos, r.pending_features = [], [], [], []
+
+    # -- per-token logic ---------------------------------------------------------------------
+
+    def _accept(self, r: _Row, token: int, kinds_row: torch.Tensor) -> bool:
+        """Handle a sampled token; returns True when the row calibrated this step."""
+        r.num_generated += 1
+        r.generated.append(token)
+        if token in self.eos_ids:
+            r.finish = "eos"
+            return False
+        if self.config.stop_strings:
+            tail = self.tokenizer.decode(r.generated[-32:])
+            if any(s in tail for s in self.config.stop_strings):
+                r.finish = "stop"
+                return False
+        if r.num_generated >= self.config.max_new_tokens:
+            r.finish = "length"
+            return False
+        trigger = None
+        if self.config.triggers_on:
+            trigger = self.detector.check(r.generated[r.segment_start:], len(r.calibrations))
+        if trigger is None:
+            p = r.next_position
+            r.pending, r.pending_kinds, r.pending_pos = [token], [TEXT], [(p, p, p)]
+            return False
+        self._calibrate(r, trigger, token, kinds_row)
+        return True
+
+    def _calibrate(self, r: _Row, trigger: Trigger, token: int, kinds_row: torch.Tensor) -> None:
+        keep_new = trigger.rollback == 0
+        if not keep_new:
+            # The newest token is not in the cache yet; the older rolled-back ones are: hide them.
+            cached = trigger.rollback - 1
+            if cached:
+                kinds_row[torch.tensor(r.seq_cols[-cached:], device=kinds_row.device)] = HIDDEN
+                for seq in (r.seq_ids, r.seq_kinds, r.seq_pos, r.seq_hidden_from, r.seq_cols):
+                    del seq[-cached:]
+            del r.generated[-trigger.rollback:]
+        if self.config.reset == "visual" and not r.calibrations:
+            kinds_row[kinds_row == ORIGINAL] = HIDDEN
+            # Hidden from everything fed from now on: the new token and the chunk included.
+            at = len(r.seq_ids)
+            r.seq_hidden_from = [at if k == ORIGINAL else h
+                                 for k, h in zip(r.seq_kinds, r.seq_hidden_from, strict=True)]
+        chunk = [token] if keep_new else []
+        if trigger.bridge:
+            chunk += self.tokenizer(trigger.bridge, add_special_tokens=False)["input_ids"]
+        grids, features = [], []
+        for i, (h, w) in enumerate(r.grids):
+            ph, pw = pooled_grid(h, w, self.config.pool_kernel)
+            chunk += [self.vision_ids[0]] + [self.image_token_id] * (ph * pw) + [self.vision_ids[1]]
+            grids.append((ph, pw))
+            features.append(self._pooled(r, i))
+            r.segments.append((i, self.config.pool_kernel))
+        ids = torch.tensor(chunk)
+        pos = mrope_positions(ids, self.image_token_id, grids, offset=r.next_position)
+        kinds = torch.where(ids == self.image_token_id, COPY, TEXT)
+        r.calibrations.append(Calibration(r.num_generated, len(r.generated),
+                                          len(chunk) - int(keep_new), trigger.kind))
+        r.generated += chunk[int(keep_new):]
+        r.segment_start = len(r.generated)
+        r.pending, r.pending_kinds = chunk, kinds.tolist()
+        r.pending_pos, r.pending_features = [tuple(p) for p in pos.T.tolist()], features
+
+    def _pooled(self, r: _Row, image: int) -> torch.Tensor:
+        if image not in r.pooled:
+            r.pooled[image] = pool_visual_tokens(r.images[image], *r.grids[image],
+                                                 self.config.pool_kernel)
+        return r.pooled[image]
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self, questions: list[str], images: list[list[Image.Image]]) -> list[PVCResult]:
+        rows = self._rows(questions, images)
+        done: list[_Row] = []
+        cache, kinds, logits = self._prefill(rows)
+        vocab = logits.shape[-1]
+        seen = torch.zeros((len(rows), vocab), dtype=torch.bool, device=self.device)
+        for b, r in enumerate(rows):
+            seen[b, torch.tensor(r.seq_ids, device=self.device).clamp(max=vocab - 1)] = True
+        eos = torch.tensor(sorted(self.eos_ids), device=self.device)
+        while rows:
+            if self.config.min_new_tokens:
+                young = torch.tensor([r.num_generated < self.config.min_new_tokens for r in rows],
+                                     device=self.device)
+                logits[young.nonzero().unsqueeze(1), eos] = float("-inf")
+            tokens = next_tokens(logits, seen, self.config, self.generator)
+            calibrated = False
+            for b, (r, t) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+                calibrated |= self._accept(r, t, kinds[b])
+            for b, r in enumerate(rows):
+                if r.pending:
+                    seen[b, torch.tensor(r.pending, device=self.device).clamp(max=vocab - 1)] = True
+            keep = [b for b, r in enumerate(rows) if r.finish is None]
+            done += [r for r in rows if r.finish is not None]
+            if len(keep) < len(rows):
+                # Finished rows leave the batch: they stop costing attention and matmuls.
+                rows = [rows[b] for b in keep]
+                if not rows:
+                    break
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                kinds, seen = kinds[index], seen[index]
+            if calibrated and self.recompute:
+                cache, kinds, logits = self._prefill(rows)
+            else:
+                kinds, logits = self._step(rows, cache, kinds)
+        return [self._result(r) for r in sorted(done, key=lambda r: r.sample)]
+
+    def _result(self, r: _Row) -> PVCResult:
+        text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
+        return PVCResult(r.generated, text, r.calibrations, r.num_generated, r.finish or "length")
+
+
+def pvc_generate(
+    model: Any,
+    processor: Any,
+    questions: list[str],
+    images: list[list[Image.Image]],
+    config: PVCConfig | None = None,
+    chat: ChatFormat | None = None,
+    recompute: bool = False,
+    triggers: Any = None,
+) -> list[PVCResult]:
+    """Decode answers to ``questions`` (one list of PIL images each) with PVC.
+
+    ``config.max_calibrations = 0`` gives plain decoding (equal to HF ``generate`` greedy).
+    ``recompute=True`` re-prefills the whole sequence at every calibration instead of keeping
+    the KV cache: the naive baseline for tests and benchmarks, same tokens, more compute.
+    ``triggers`` replaces the trigger policy: any object with ``check(segment, calibrations)``
+    returning a :class:`~tvc_lightning.pvc.triggers.Trigger` or None (default: the config's).
+    """
+    if len(questions) != len(images):
+        raise ValueError(f"{len(questions)} questions but {len(images)} image lists")
+    if any(not imgs for imgs in images):
+        raise ValueError("every question needs at least one image")
+    decoder = _Decoder(model, processor, config or PVCConfig(), chat or ChatFormat(), recompute,
+                       triggers)
+    return decoder.run(questions, images)

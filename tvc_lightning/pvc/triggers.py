@@ -1,0 +1,96 @@
+"""When to calibrate: reflection phrases at sentence starts, model-emitted bridges, every N tokens.
+
+Detection runs on the decoded text of the last few generated tokens (a short window, so each
+step costs one small ``decode``), and only fires on the token that completes the pattern.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from tvc_lightning.pvc.config import PVCConfig
+
+_WINDOW = 24  # tokens of text looked at: longer than any phrase or bridge in tokens
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A calibration to run now.
+
+    ``rollback`` trailing tokens are removed first (the reflection phrase, which the model is
+    expected to say again after seeing the image); ``bridge`` is the text appended before the
+    image (None when the model has just said a bridge itself).
+    """
+
+    kind: str
+    rollback: int
+    bridge: str | None
+
+
+class TriggerDetector:
+    """Checks a row's newest token against the triggers of a :class:`PVCConfig`."""
+
+    def __init__(self, config: PVCConfig, tokenizer: Any) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        phrases = sorted((re.escape(p) for p in config.reflection_phrases), key=len, reverse=True)
+        self._reflection = (
+            re.compile(r"(?:(?<=[.!?])[ \t]+|(?<=\n)[ \t]*)(?P<p>" + "|".join(phrases) + r")(?=\W)")
+            if phrases and config.on_reflection
+            else None
+        )
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def check(self, segment: list[int], calibrations: int) -> Trigger | None:
+        """``segment``: the tokens generated since the last calibration (or the start)."""
+        c = self.config
+        if calibrations >= c.max_calibrations or len(segment) < c.min_gap:
+            return None
+        window = segment[-_WINDOW:]
+        # A window that reaches back to the segment start begins a sentence (prompt or image).
+        lead = "\n" if len(window) == len(segment) else ""
+        tail = lead + self._decode(window)
+        if c.on_bridge and any(tail.endswith(b) for b in c.bridges):
+            return Trigger("bridge", 0, None)
+        if self._reflection is not None:
+            found = self._reflection_rollback(window, tail, lead)
+            if found is not None:
+                rollback, kept = found
+                return Trigger("reflection", rollback, self._spaced(kept, c.bridges[0]))
+        if c.every_n_tokens is not None and len(segment) >= c.every_n_tokens:
+            if tail.rstrip(" \t").endswith((".", "!", "?", "\n")):
+                return Trigger("periodic", 0, self._spaced(tail, c.bridges[0]))
+        return None
+
+    def _reflection_rollback(self, window: list[int], tail: str, lead: str) -> tuple[int, str] | None:
+        """Tokens to drop so the text ends just before a reflection the newest token confirmed."""
+        matches = list(self._reflection.finditer(tail))  # type: ignore[union-attr]
+        if not matches or not self._confirmed(tail, matches[-1].start("p"), matches[-1].end("p")):
+            return None
+        match = matches[-1]
+        before = lead + self._decode(window[:-1])
+        if self._confirmed(before, match.start("p"), match.end("p")):
+            return None  # confirmed at an earlier token already (and not taken then)
+        for r in range(1, len(window) + 1):
+            kept = lead + self._decode(window[: len(window) - r])
+            if len(kept) <= match.start("p"):
+                return r, kept
+        return None
+
+    def _confirmed(self, text: str, start: int, end: int) -> bool:
+        """The phrase at ``text[start:end]`` is a reflection: a word boundary follows it, and the
+        sentence is not (the start of) a bridge, which the bridge trigger handles instead."""
+        if len(text) <= end:
+            return False
+        sentence = text[start:]
+        return not (self.config.on_bridge and any(
+            b.startswith(sentence) or sentence.startswith(b) for b in self.config.bridges))
+
+    @staticmethod
+    def _spaced(text_before: str, bridge: str) -> str:
+        # Keep tokenization as in DVR training data ("... 3. Let me check ..."): one space between.
+        return bridge if not text_before or text_before[-1].isspace() else " " + bridge
