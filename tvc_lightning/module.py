@@ -12,6 +12,7 @@ import torch
 
 from tvc_lightning.hf import load_model
 from tvc_lightning.loss import chunked_cross_entropy
+from tvc_lightning.pvc import PVCConfig, pvc_generate
 from tvc_lightning.vision import encode_images, merged_grids, segment_features
 
 # Trainer precision -> dtype the weights are loaded in. Mixed precision keeps fp32 weights (autocast
@@ -40,6 +41,7 @@ class TVCModule(L.LightningModule):
         gradient_checkpointing: Recompute decoder-layer activations in backward to save memory.
         loss_chunk_size: Labelled positions per cross-entropy chunk (bounds the logits' memory).
         attn_implementation: HF attention backend: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        generation: PVC decoding settings for validation by generation and ``predict``.
     """
 
     def __init__(
@@ -54,9 +56,11 @@ class TVCModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         loss_chunk_size: int = 1024,
         attn_implementation: str = "sdpa",
+        generation: PVCConfig | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["generation"])
+        self.generation = generation if generation is not None else PVCConfig()
         self.freeze_prefixes = ["visual"] if freeze is None else list(freeze)
         self.model: Any = None
         self._batch_started = 0.0
@@ -181,6 +185,30 @@ class TVCModule(L.LightningModule):
         loss, _ = self.loss(batch)
         self.log("test/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
+        """PVC-decode a batch of raw samples; one JSON-ready dict per (non-padding) sample."""
+        from tvc_lightning.callbacks import all_ranks_any
+        from tvc_lightning.scoring import score_record
+
+        datamodule = self.trainer.datamodule
+        results = pvc_generate(
+            self.model, datamodule.processor, [item["record"].question for item in batch],
+            [item["images"] for item in batch], self.generation, chat=datamodule.encoder.chat,
+            sync=all_ranks_any,
+        )
+        lines = []
+        for item, result in zip(batch, results, strict=True):
+            if item["pad"]:
+                continue
+            extracted, correct = score_record(result.text, item["record"])
+            lines.append({
+                "id": item["record"].id, "response": result.text, "extracted": extracted,
+                "answer": item["record"].answer, "correct": correct,
+                "calibrations": [{"step": c.step, "trigger": c.trigger} for c in result.calibrations],
+                "finish_reason": result.finish_reason,
+            })
+        return lines
 
     def _log_skipped(self) -> None:
         counter = getattr(getattr(self.trainer, "datamodule", None), "skip_counter", None)

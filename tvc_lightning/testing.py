@@ -117,23 +117,38 @@ def build_tiny_processor(min_pixels: int = 56 * 56, max_pixels: int = 224 * 224)
     return ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
 
 
-def tiny_qwen2vl_config(tokenizer: Any, **overrides: Any) -> Any:
-    """A 2-layer Qwen2-VL config whose special-token ids match ``tokenizer``."""
+def tiny_qwen2vl_config(
+    tokenizer: Any,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vocab_size: int | None = None,
+    vision_depth: int = 2,
+    vision_dim: int = 32,
+    vision_heads: int = 2,
+) -> Any:
+    """A small Qwen2-VL config (2 layers by default) whose special-token ids match ``tokenizer``.
+
+    Sizes are arguments so benchmarks can build real-shaped random models (e.g. Qwen2-VL-2B:
+    hidden 1536, 28 layers, 12/2 heads, intermediate 8960, vocab 151936, vision 32 x 1280).
+    """
     from transformers import Qwen2VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    hidden, heads = 64, 4
+    hidden, heads = hidden_size, num_heads
     head_dim = hidden // heads
     # M-RoPE splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
     mrope = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]
     rope = {"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0}
     text = {
-        "vocab_size": len(tokenizer),
+        "vocab_size": max(vocab_size or 0, len(tokenizer)),
         "hidden_size": hidden,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": 2,
+        "num_key_value_heads": num_kv_heads,
         "max_position_embeddings": 32768,
         "rope_parameters": rope,
         "rope_scaling": {"type": "mrope", **rope},
@@ -142,11 +157,11 @@ def tiny_qwen2vl_config(tokenizer: Any, **overrides: Any) -> Any:
         "pad_token_id": ids["<|endoftext|>"],
     }
     vision = {
-        "depth": 2,
-        "embed_dim": 32,
+        "depth": vision_depth,
+        "embed_dim": vision_dim,
         "hidden_size": hidden,
         "mlp_ratio": 2,
-        "num_heads": 2,
+        "num_heads": vision_heads,
         "patch_size": 14,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
@@ -159,21 +174,21 @@ def tiny_qwen2vl_config(tokenizer: Any, **overrides: Any) -> Any:
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
-        **overrides,
     )
     return config
 
 
-def tiny_qwen2vl(seed: int = 0, attn_implementation: str = "sdpa") -> tuple[Any, Any]:
+def tiny_qwen2vl(seed: int = 0, attn_implementation: str = "sdpa", **sizes: Any) -> tuple[Any, Any]:
     """Build a tiny random ``Qwen2VLForConditionalGeneration`` (fp32) and its processor, offline.
 
-    Returns ``(model, processor)``; same seed, same weights. Save both with
-    :func:`save_tiny_qwen2vl` to get a local checkpoint directory.
+    Returns ``(model, processor)``; same seed, same weights. ``sizes`` go to
+    :func:`tiny_qwen2vl_config`. Save both with :func:`save_tiny_qwen2vl` to get a local
+    checkpoint directory.
     """
     from transformers import Qwen2VLForConditionalGeneration
 
     processor = build_tiny_processor()
-    config = tiny_qwen2vl_config(processor.tokenizer)
+    config = tiny_qwen2vl_config(processor.tokenizer, **sizes)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()

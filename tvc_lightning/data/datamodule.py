@@ -38,6 +38,7 @@ class TVCDataModule(L.LightningDataModule):
         train_shards: Training shards: a directory of ``.tar`` files, a brace pattern
             (``data/train-{000000..000127}.tar``), a glob, or URLs (``s3://``, ``pipe:``).
         val_shards: Validation shards (same forms); none disables validation.
+        predict_shards: Shards to answer with ``predict`` (default: ``val_shards``).
         batch_size: Samples per device per step.
         num_workers: DataLoader worker processes per device.
         shuffle_buffer: Sample shuffle buffer per worker (0: shard order shuffle only).
@@ -58,6 +59,7 @@ class TVCDataModule(L.LightningDataModule):
         model_name_or_path: str,
         train_shards: str,
         val_shards: str | None = None,
+        predict_shards: str | None = None,
         batch_size: int = 1,
         num_workers: int = 2,
         shuffle_buffer: int = 256,
@@ -75,6 +77,7 @@ class TVCDataModule(L.LightningDataModule):
         self.model_name_or_path = model_name_or_path
         self.train_shards = train_shards
         self.val_shards = val_shards
+        self.predict_shards = predict_shards
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
@@ -92,6 +95,7 @@ class TVCDataModule(L.LightningDataModule):
         self.train_dataset: ShardDataset | None = None
         self.val_records: list[tuple[SampleRecord, list[Any]]] = []
         self.val_dataset: Dataset | None = None
+        self.predict_items: list[dict[str, Any]] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.encoder is None:
@@ -111,6 +115,25 @@ class TVCDataModule(L.LightningDataModule):
                 self.train_samples = count_samples(self.train_shards)
         if stage in (None, "fit", "validate") and self.val_shards and self.val_dataset is None:
             self._setup_val()
+        if stage == "predict" and self.predict_items is None:
+            self._setup_predict()
+
+    def _setup_predict(self) -> None:
+        urls = self.predict_shards or self.val_shards
+        if not urls:
+            raise ValueError("predict needs data.predict_shards (or data.val_shards)")
+        rank, world = dist_rank_world()
+        records = load_split(urls, SkipCounter(), world_size=1, rank=0)
+        if not records:
+            raise ValueError(f"data.predict_shards={urls!r}: no usable samples")
+        mine = records[rank::world]
+        filler = (mine or records)[0]
+        # Every rank decodes the same number of batches (ZeRO-3 forwards are collective):
+        # short ranks repeat a sample, flagged so that it is not written.
+        per_rank = -(-len(records) // world)
+        items = [{"record": r, "images": im, "pad": False} for r, im in mine]
+        items += [{"record": filler[0], "images": filler[1], "pad": True}] * (per_rank - len(mine))
+        self.predict_items = items
 
     def _setup_val(self) -> None:
         rank, world = dist_rank_world()
@@ -156,6 +179,11 @@ class TVCDataModule(L.LightningDataModule):
         if self.val_dataset is None:
             return []
         return self._loader(self.val_dataset, 0)
+
+    def predict_dataloader(self) -> DataLoader:
+        assert self.predict_items is not None, "setup('predict') first"
+        return DataLoader(_ListDataset(self.predict_items), batch_size=self.batch_size,
+                          collate_fn=list)
 
     def _loader(self, dataset: Dataset, workers: int) -> DataLoader:
         return DataLoader(

@@ -12,6 +12,7 @@ whole sequence is re-prefilled from scratch (same visibility rules, as a 4-D mas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +92,8 @@ class _Row:
 
 class _Decoder:
     def __init__(self, model: Any, processor: Any, config: PVCConfig, chat: ChatFormat,
-                 recompute: bool, triggers: Any = None) -> None:
+                 recompute: bool, triggers: Any = None,
+                 sync: Callable[[bool], bool] | None = None) -> None:
         self.model, self.config, self.chat, self.recompute = model, config, chat, recompute
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
@@ -105,6 +107,7 @@ class _Decoder:
         self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.detector = triggers or TriggerDetector(config, self.tokenizer)
+        self.sync = sync
         self.device = self.embed.weight.device
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
 
@@ -191,22 +194,20 @@ class _Decoder:
             torch.Tensor, torch.Tensor]:
         """Feed each row's pending tokens (a chunk or one token), right-padded with holes."""
         width = max(len(r.pending) for r in rows)
-        batch, start = len(rows), kinds.shape[1]
-        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        new_kinds = torch.full((batch, width), HIDDEN, dtype=torch.long)
-        pos = torch.zeros((3, batch, width), dtype=torch.long)
-        features, last = [], torch.empty(batch, dtype=torch.long)
-        for b, r in enumerate(rows):
-            n = len(r.pending)
-            ids[b, :n] = torch.tensor(r.pending)
-            new_kinds[b, :n] = torch.tensor(r.pending_kinds)
-            pos[:, b, :n] = torch.tensor(r.pending_pos).T
-            features.extend(r.pending_features)
-            last[b] = n - 1
+        start = kinds.shape[1]
+        # Built as Python lists and converted once: a handful of tensor ops per step, not per row.
+        ids = [r.pending + [self.pad_id] * (width - len(r.pending)) for r in rows]
+        new_kinds = [r.pending_kinds + [HIDDEN] * (width - len(r.pending)) for r in rows]
+        pos = [r.pending_pos + [(0, 0, 0)] * (width - len(r.pending)) for r in rows]
+        last = torch.tensor([len(r.pending) - 1 for r in rows])
+        features = [f for r in rows for f in r.pending_features]
+        for r in rows:
             self._commit_pending(r, start)
-        kinds = torch.cat([kinds, new_kinds.to(self.device)], dim=1)
+        ids_t = torch.tensor(ids, device=self.device)
+        pos_t = torch.tensor(pos, device=self.device).permute(2, 0, 1)
+        kinds = torch.cat([kinds, torch.tensor(new_kinds, device=self.device)], dim=1)
         mask = (kinds >= 0).long()
-        logits = self._forward(ids.to(self.device), features, mask, pos.to(self.device), cache, last)
+        logits = self._forward(ids_t, features, mask, pos_t, cache, last)
         return kinds, logits
 
     def _commit_pending(self, r: _Row, start: int | None) -> None:
@@ -301,7 +302,10 @@ class _Decoder:
         for b, r in enumerate(rows):
             seen[b, torch.tensor(r.seq_ids, device=self.device).clamp(max=vocab - 1)] = True
         eos = torch.tensor(sorted(self.eos_ids), device=self.device)
-        while rows:
+        while self._any_active(bool(rows)):
+            if not rows:
+                self._idle_forward()
+                continue
             if self.config.min_new_tokens:
                 young = torch.tensor([r.num_generated < self.config.min_new_tokens for r in rows],
                                      device=self.device)
@@ -310,16 +314,18 @@ class _Decoder:
             calibrated = False
             for b, (r, t) in enumerate(zip(rows, tokens.tolist(), strict=True)):
                 calibrated |= self._accept(r, t, kinds[b])
-            for b, r in enumerate(rows):
-                if r.pending:
-                    seen[b, torch.tensor(r.pending, device=self.device).clamp(max=vocab - 1)] = True
+            seen[torch.arange(len(rows), device=self.device), tokens] = True
+            if calibrated:
+                for b, r in enumerate(rows):
+                    if len(r.pending) > 1:
+                        seen[b, torch.tensor(r.pending, device=self.device).clamp(max=vocab - 1)] = True
             keep = [b for b, r in enumerate(rows) if r.finish is None]
             done += [r for r in rows if r.finish is not None]
             if len(keep) < len(rows):
                 # Finished rows leave the batch: they stop costing attention and matmuls.
                 rows = [rows[b] for b in keep]
                 if not rows:
-                    break
+                    continue
                 index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(index)
                 kinds, seen = kinds[index], seen[index]
@@ -328,6 +334,16 @@ class _Decoder:
             else:
                 kinds, logits = self._step(rows, cache, kinds)
         return [self._result(r) for r in sorted(done, key=lambda r: r.sample)]
+
+    def _any_active(self, local: bool) -> bool:
+        return local if self.sync is None else self.sync(local)
+
+    def _idle_forward(self) -> None:
+        """A throwaway one-token forward for a rank whose rows are done while others decode:
+        under ZeRO-3 every forward gathers parameters collectively, so all ranks must call it."""
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
+        pos = torch.zeros((3, 1, 1), dtype=torch.long, device=self.device)
+        self._forward(ids, [], torch.ones_like(ids), pos, DynamicCache(), torch.zeros(1))
 
     def _result(self, r: _Row) -> PVCResult:
         text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
@@ -343,6 +359,7 @@ def pvc_generate(
     chat: ChatFormat | None = None,
     recompute: bool = False,
     triggers: Any = None,
+    sync: Callable[[bool], bool] | None = None,
 ) -> list[PVCResult]:
     """Decode answers to ``questions`` (one list of PIL images each) with PVC.
 
@@ -351,11 +368,13 @@ def pvc_generate(
     the KV cache: the naive baseline for tests and benchmarks, same tokens, more compute.
     ``triggers`` replaces the trigger policy: any object with ``check(segment, calibrations)``
     returning a :class:`~tvc_lightning.pvc.triggers.Trigger` or None (default: the config's).
+    ``sync(local_active) -> any_rank_active`` keeps distributed ranks in step: a rank whose rows
+    are done runs idle forwards until every rank is done (see ``callbacks.all_ranks_any``).
     """
     if len(questions) != len(images):
         raise ValueError(f"{len(questions)} questions but {len(images)} image lists")
     if any(not imgs for imgs in images):
         raise ValueError("every question needs at least one image")
     decoder = _Decoder(model, processor, config or PVCConfig(), chat or ChatFormat(), recompute,
-                       triggers)
+                       triggers, sync)
     return decoder.run(questions, images)

@@ -1,7 +1,7 @@
 """When to calibrate: reflection phrases at sentence starts, model-emitted bridges, every N tokens.
 
-Detection runs on the decoded text of the last few generated tokens (a short window, so each
-step costs one small ``decode``), and only fires on the token that completes the pattern.
+Detection runs on the text of the last few generated tokens (a short window of per-token
+pieces decoded once per tokenizer), and only fires on the token that completes the pattern.
 """
 
 from __future__ import annotations
@@ -29,12 +29,27 @@ class Trigger:
     bridge: str | None
 
 
+def token_pieces(tokenizer: Any) -> list[str]:
+    """Each token id's text, decoded once per tokenizer and kept on it.
+
+    Joining pieces costs microseconds per step where a ``decode`` call costs tens; a character
+    split across two byte-level tokens comes out as U+FFFD, which no phrase or bridge contains.
+    """
+    pieces = getattr(tokenizer, "_tvc_token_pieces", None)
+    if pieces is None:
+        pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))],
+                                        skip_special_tokens=False)
+        tokenizer._tvc_token_pieces = pieces
+    return pieces
+
+
 class TriggerDetector:
     """Checks a row's newest token against the triggers of a :class:`PVCConfig`."""
 
     def __init__(self, config: PVCConfig, tokenizer: Any) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self._pieces = token_pieces(tokenizer)
         phrases = sorted((re.escape(p) for p in config.reflection_phrases), key=len, reverse=True)
         self._reflection = (
             re.compile(r"(?:(?<=[.!?])[ \t]+|(?<=\n)[ \t]*)(?P<p>" + "|".join(phrases) + r")(?=\W)")
@@ -43,7 +58,8 @@ class TriggerDetector:
         )
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        pieces = self._pieces
+        return "".join(pieces[i] if i < len(pieces) else "" for i in ids)
 
     def check(self, segment: list[int], calibrations: int) -> Trigger | None:
         """``segment``: the tokens generated since the last calibration (or the start)."""

@@ -1,0 +1,155 @@
+"""Validation by generation: PVC (and plain) decoding, scoring, W&B scalars/table/curve; JSONL
+predictions."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import WandbLogger
+
+from tvc_lightning.pvc import PVCConfig, PVCResult, pvc_generate
+from tvc_lightning.scoring import AnswerAccuracy, score_record
+
+
+def all_ranks_any(local: bool) -> bool:
+    """True if ``local`` is true on any rank (an all-reduce MAX; just ``local`` when not
+    distributed). Passed to ``pvc_generate(sync=...)`` so ranks decode in step."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+    flag = torch.tensor([int(local)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def marked_response(result: PVCResult, tokenizer: Any) -> str:
+    """The response text with ``⟦PVC trigger@step⟧`` where each calibration's chunk was injected."""
+    pieces, start = [], 0
+    for c in result.calibrations:
+        pieces.append(tokenizer.decode(result.token_ids[start:c.index], skip_special_tokens=True))
+        injected = tokenizer.decode(result.token_ids[c.index:c.index + c.length],
+                                    skip_special_tokens=True)
+        pieces.append(f"⟦PVC {c.trigger}@{c.step}{': ' + injected.strip() if injected.strip() else ''}⟧")
+        start = c.index + c.length
+    pieces.append(tokenizer.decode(result.token_ids[start:], skip_special_tokens=True))
+    return "".join(pieces)
+
+
+class PVCGenerationCallback(L.Callback):
+    """At the end of validation, decode the validation samples with PVC, score and log them.
+
+    Uses the module's ``generation`` config (a :class:`PVCConfig`) and the data module's
+    validation records (equal in number on every rank). Logs ``val/pvc_accuracy`` and, with
+    ``compare_plain``, ``val/plain_accuracy`` from plain decoding of the same samples in the same
+    run; calibrations per sample, generated tokens and decode tokens/s; and, to W&B, a table of
+    samples (image, question, response with calibration markers, extracted, gold, correct).
+
+    Args:
+        compare_plain: Also decode without calibrations, for the side-by-side accuracy.
+        max_samples: Decode at most this many validation samples per rank (None: all).
+        batch_size: Samples decoded together.
+        table_rows: Rows of the W&B samples table (rank 0's samples).
+        every_n_epochs: Run on every n-th validation epoch.
+    """
+
+    def __init__(self, compare_plain: bool = True, max_samples: int | None = None,
+                 batch_size: int = 8, table_rows: int = 16, every_n_epochs: int = 1) -> None:
+        self.compare_plain = compare_plain
+        self.max_samples = max_samples
+        self.batch_size = batch_size
+        self.table_rows = table_rows
+        self.every_n_epochs = every_n_epochs
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch % self.every_n_epochs):
+            return
+        datamodule = trainer.datamodule
+        records = list(getattr(datamodule, "val_records", []))
+        if self.max_samples is not None:
+            records = records[: self.max_samples]
+        config: PVCConfig = pl_module.generation
+        modes = {"pvc": config}
+        if self.compare_plain:
+            modes["plain"] = replace(config, max_calibrations=0)
+        rows: list[dict[str, Any]] = []
+        for name, mode_config in modes.items():
+            accuracy = AnswerAccuracy().to(pl_module.device)
+            generated = calibrations = 0
+            elapsed = 0.0
+            for start in range(0, len(records), self.batch_size):
+                chunk = records[start:start + self.batch_size]
+                began = time.perf_counter()
+                results = pvc_generate(
+                    pl_module.model, datamodule.processor, [r.question for r, _ in chunk],
+                    [images for _, images in chunk], mode_config, chat=datamodule.encoder.chat,
+                    sync=all_ranks_any,
+                )
+                elapsed += time.perf_counter() - began
+                for (record, images), result in zip(chunk, results, strict=True):
+                    extracted, correct = score_record(result.text, record)
+                    accuracy.update([correct])
+                    generated += result.num_generated
+                    calibrations += len(result.calibrations)
+                    if name == "pvc" and len(rows) < self.table_rows:
+                        rows.append({"record": record, "image": images[0], "extracted": extracted,
+                                     "correct": correct, "response": marked_response(
+                                         result, datamodule.processor.tokenizer)})
+            n = max(1, len(records))
+            pl_module.log(f"val/{name}_accuracy", accuracy.compute(), sync_dist=False)
+            pl_module.log(f"val/{name}_generated_tokens", generated / n, sync_dist=True)
+            pl_module.log(f"val/{name}_tokens_per_s", generated / max(elapsed, 1e-9), sync_dist=True)
+            if name == "pvc":
+                pl_module.log("val/pvc_calibrations_per_sample", calibrations / n, sync_dist=True)
+        self._log_table(trainer, rows)
+
+    def _log_table(self, trainer: L.Trainer, rows: list[dict[str, Any]]) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers or not rows or trainer.global_rank != 0:
+            return
+        import wandb
+
+        table = wandb.Table(columns=["id", "image", "question", "response", "extracted", "gold",
+                                     "correct"])
+        for row in rows:
+            record = row["record"]
+            table.add_data(record.id, wandb.Image(row["image"]), record.question, row["response"],
+                           row["extracted"], record.answer, row["correct"])
+        loggers[0].experiment.log({"val/pvc_samples": table,
+                                   "trainer/global_step": trainer.global_step})
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes one JSON line per predicted sample: id, response, extracted, correct, calibrations.
+
+    Args:
+        output_path: The JSONL file; with several ranks each writes ``NAME.rankR.jsonl``.
+    """
+
+    def __init__(self, output_path: str = "predictions.jsonl") -> None:
+        super().__init__(write_interval="batch")
+        self.output_path = Path(output_path)
+        self._opened: set[Path] = set()
+
+    def _path(self, trainer: L.Trainer) -> Path:
+        if trainer.world_size == 1:
+            return self.output_path
+        return self.output_path.with_suffix(f".rank{trainer.global_rank}.jsonl")
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           prediction: Any, batch_indices: Any, batch: Any, batch_idx: int,
+                           dataloader_idx: int) -> None:
+        path = self._path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = "a" if path in self._opened else "w"  # a new run replaces an old file
+        self._opened.add(path)
+        with path.open(mode, encoding="utf-8") as f:
+            for line in prediction:
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
