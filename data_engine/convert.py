@@ -33,6 +33,7 @@ from PIL import Image
 
 from data_engine.shards import ShardWriter, encode_image
 from tvc_lightning.data.schema import ANSWER_TYPES, InvalidRecord, SampleRecord
+from tvc_lightning.scoring import boxed_contents
 
 Item = tuple[str, Any]  # (label for messages: index, pid or line number; the raw item)
 Converted = tuple[SampleRecord, list[bytes]]
@@ -48,25 +49,7 @@ class Skip(Exception):
 
 # --- answer extraction -------------------------------------------------------------------------
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS = re.compile(r"(?:answer\s+is|answer\s*:)\s*:?\s*([^\n]+)", re.IGNORECASE)
-
-
-def boxed_contents(text: str) -> list[str]:
-    """Contents of every balanced ``\\boxed{...}`` in ``text``, nested braces included."""
-    found = []
-    for m in _BOXED.finditer(text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            c = text[i]
-            if c == "\\":
-                i += 2  # an escaped character (\{, \}) never opens or closes a group
-                continue
-            depth += {"{": 1, "}": -1}.get(c, 0)
-            i += 1
-        if depth == 0:
-            found.append(text[m.end() : i - 1].strip())
-    return found
 
 
 def _clean(answer: str) -> str:
@@ -78,7 +61,11 @@ def _clean(answer: str) -> str:
 
 
 def extract_answer(response: str) -> str:
-    """The final answer of a response: last ``\\boxed{}``, else after the last "answer is"."""
+    """The gold answer stated by a response: last ``\\boxed{}``, else after the last "answer is".
+
+    Stricter than :func:`tvc_lightning.scoring.extract_answer` on purpose: no last-number guess,
+    since this becomes the gold answer of a training record.
+    """
     boxed = boxed_contents(response)
     if boxed:
         return boxed[-1]
