@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-SUBCOMMANDS: tuple[str, ...] = ("synth", "convert")
+SUBCOMMANDS: tuple[str, ...] = ("synth", "convert", "distill")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):

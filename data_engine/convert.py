@@ -264,6 +264,33 @@ FORMATS: dict[str, tuple[Callable[[Path], Iterator[Item]], Callable[..., Convert
 }
 
 
+def iter_converted(
+    fmt: str, input_path: Path, image_root: Path, select: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, Converted | Skip]]:
+    """``(label, (record, images))`` per item of ``input_path``, or ``(label, Skip)`` for a bad
+    one; items whose label ``select`` refuses are passed over before their images are read.
+
+    A whole-input error (not JSON, wrong top-level shape) raises when this is called.
+    """
+    iterate, convert = FORMATS[fmt]
+    items = iterate(input_path)
+
+    def converted() -> Iterator[tuple[str, Converted | Skip]]:
+        for label, item in items:
+            if select is not None and not select(label):
+                continue
+            result: Converted | Skip
+            try:
+                if isinstance(item, Skip):
+                    raise item
+                result = convert(label, item, image_root)
+            except Skip as e:
+                result = e
+            yield label, result
+
+    return converted()
+
+
 def convert_file(
     fmt: str,
     input_path: Path,
@@ -275,23 +302,20 @@ def convert_file(
     overwrite: bool = False,
 ) -> tuple[int, Counter[str], list[Path]]:
     """Convert one file; returns (records written, skips by reason, shard paths)."""
-    iterate, convert = FORMATS[fmt]
     prefix = prefix or fmt
     skipped: Counter[str] = Counter()
     written = 0
-    items = iterate(input_path)  # a whole-input error (not JSON...) raises before OUT is made
+    # A whole-input error (not JSON...) raises here, before OUT is made.
+    items = iter_converted(fmt, input_path, image_root)
     with ShardWriter(
         out_dir, prefix, maxcount=samples_per_shard, maxsize=max_shard_bytes, overwrite=overwrite
     ) as writer:
-        for n, (label, item) in enumerate(items):
-            try:
-                if isinstance(item, Skip):
-                    raise item
-                record, images = convert(label, item, image_root)
-            except Skip as e:
-                skipped[e.reason] += 1
-                print(f"convert: skip {fmt} item {label}: {e}", file=sys.stderr)
+        for n, (label, converted) in enumerate(items):
+            if isinstance(converted, Skip):
+                skipped[converted.reason] += 1
+                print(f"convert: skip {fmt} item {label}: {converted}", file=sys.stderr)
                 continue
+            record, images = converted
             writer.write(f"{prefix}-{n:08d}", record, images)
             written += 1
     return written, skipped, writer.shards

@@ -1,0 +1,390 @@
+"""Distill long-CoT chains from a teacher with rejection sampling (method.md §2.5) into shards.
+
+For each input question, round 1 asks the teacher once, greedily; the chain is checked by the
+filters of :mod:`data_engine.filters` (a final answer equal to the gold one per the project's
+scorer, 200-8000 tokens, at most 25 reflection words). A question whose chains all failed goes to
+the next round: best-of-N sampling (N 8, temperature 1.0), until one passes or ``--rounds`` (2)
+are spent. The first passing chain is kept; a question is "solved" only by a chain that passes
+every filter, so a correct but overlong greedy chain is re-sampled too. The teacher is sent the
+question followed by ``--instruction``; the stored record keeps the question alone.
+
+Inputs (``--format``): ``records`` (shards of sample records: a directory, glob or brace pattern),
+``sharegpt`` (LLaMA-Factory JSON), ``mathvista`` (JSON), ``mathvision`` (JSONL), read as
+``convert`` reads them. Only the question, images and gold answer are used. Bad items are reported
+on stderr with their label (index, pid, line or shard:key) and counted, never fatal.
+
+Output in OUT: kept records as shards ``PREFIX-pIIIofNNN-rRRR-XXXXXX.tar`` (record id = sample
+key = the input record's id, made key-safe); ``manifest.jsonl`` (one line per finished question:
+kept or the rejection reason, round, tokens, the shard), which makes restarts exactly-once (see
+:mod:`data_engine.manifest`): rerun the same command after a crash or ``kill -9`` and done
+questions are skipped, those of an unfinished shard redone; ``report.json`` (also printed): kept,
+rejected by reason, failed chains by filter, token-length histogram, rounds needed.
+
+Offline DVR (``--offline-dvr``, the paper's way): each kept chain is cut at a reflection point (else
+near its midpoint), chosen by :class:`tvc_lightning.data.dvr.DVRTransform` with a bridging prompt;
+the teacher is asked to go on from ``prefix + bridge`` with the image shown again, and the result
+``prefix + bridge + continuation`` is kept if it passes the same filters. Chat APIs do not all
+accept an assistant prefix, so the request is one user turn: image, question, then
+``"Continue this reasoning after looking at the image again:\\n" + prefix + bridge``. The records
+go to ``OUT/dvr/`` with their own manifest and report section; the training-time DVR transform
+finds the bridge as a reflection point.
+
+Scale-out: ``--shard-index I --num-shards N`` keeps the items whose label (index, pid, line number
+or sample key) hashes (SHA-256) to I modulo N, so N jobs -- a SLURM array with
+``--shard-index $SLURM_ARRAY_TASK_ID`` -- cover the input with disjoint parts, each writing its own
+shards, ``manifest-III-of-NNN.jsonl`` and ``report-III-of-NNN.json`` into the same OUT.
+
+Teachers (``--teacher``): ``local:MODEL_DIR``, ``openai:BASE_URL`` (``--model``, key from
+``$OPENAI_API_KEY``), ``scripted:FILE`` (tests and dry runs); see :mod:`data_engine.teachers`.
+Flags can come from ``--config FILE.yaml`` (keys are the flag names, ``_`` or ``-``); flags
+given on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from data_engine.convert import Skip
+from data_engine.convert import extract_answer as strict_answer
+from data_engine.distill_io import (
+    Question,
+    build_report,
+    check_partitioning,
+    iter_questions,
+    iter_records,
+    output_names,
+    print_report,
+    sample_key,
+)
+from data_engine.filters import ChainChecker, FilterConfig, furthest, load_token_counter
+from data_engine.manifest import ResumableOutput
+from data_engine.teachers import (
+    CONTINUE_INSTRUCTION,
+    Teacher,
+    TeacherError,
+    TeacherRequestError,
+    make_teacher,
+)
+from tvc_lightning.data.dvr import DEFAULT_BRIDGES, DVRTransform
+
+TVC_INSTRUCTION = "Please answer the question using a long-chain reasoning style and think step by step."
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class Settings:
+    """How questions are put to the teacher and chains are sampled."""
+
+    rounds: int = 2
+    best_of: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 8192
+    seed: int = 0
+    instruction: str = TVC_INSTRUCTION
+    bridges: list[str] = field(default_factory=lambda: list(DEFAULT_BRIDGES))
+
+    def prompt(self, question: str) -> str:
+        return f"{question}\n{self.instruction}" if self.instruction else question
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed from its parts that does not depend on the process, order or partition."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+# --- one question ------------------------------------------------------------------------------
+
+
+def solve(q: Question, teacher: Teacher, checker: ChainChecker,
+          settings: Settings) -> tuple[dict[str, Any], str | None]:
+    """Rejection sampling for one question: ``(manifest entry, kept chain or None)``."""
+    chains: Counter[str] = Counter()
+    reason: str | None = None
+    base = {"key": q.key, "label": q.label}
+    for rnd in range(1, settings.rounds + 1):
+        greedy = rnd == 1
+        try:
+            responses = teacher.generate(
+                settings.prompt(q.record.question), q.images, n=1 if greedy else settings.best_of,
+                temperature=0.0 if greedy else settings.temperature,
+                max_tokens=settings.max_new_tokens, seed=stable_seed(settings.seed, q.key, rnd),
+            )
+        except TeacherRequestError as e:
+            print(f"distill: {q.label} ({q.key}): teacher refused: {e}", file=sys.stderr)
+            return {**base, "outcome": "rejected", "reason": "teacher_error",
+                    "rounds": rnd, "chains": dict(chains)}, None
+        for response in responses:
+            verdict = checker.check(response.strip(), q.record)
+            chains[verdict.reason or "kept"] += 1
+            if verdict.ok:
+                return {**base, "outcome": "kept", "round": rnd, "tokens": verdict.tokens,
+                        "reflections": verdict.reflections, "chains": dict(chains)}, response.strip()
+            reason = furthest(reason, verdict.reason or "")
+    return {**base, "outcome": "rejected", "reason": reason or "no_response",
+            "rounds": settings.rounds, "chains": dict(chains)}, None
+
+
+def continue_after_image(q: Question, teacher: Teacher, checker: ChainChecker, settings: Settings,
+                         dvr: DVRTransform) -> tuple[dict[str, Any], str | None]:
+    """Offline DVR for one kept chain: ``(manifest entry, prefix + bridge + continuation or None)``."""
+    response = q.record.response
+    (injection,) = dvr.plan(q.key, response, epoch=0)
+    prefix = response[: injection.offset]
+    lead = prefix + ("" if not prefix or prefix[-1].isspace() else " ") + injection.bridge
+    prompt = f"{settings.prompt(q.record.question)}\n\n{CONTINUE_INSTRUCTION}\n{lead}"
+    base = {"key": q.key, "label": q.label, "offset": injection.offset, "bridge": injection.bridge}
+    try:
+        (continuation,) = teacher.generate(prompt, q.images, n=1, temperature=0.0,
+                                           max_tokens=settings.max_new_tokens,
+                                           seed=stable_seed(settings.seed, q.key, "dvr"))
+    except TeacherRequestError as e:
+        print(f"distill: dvr {q.key}: teacher refused: {e}", file=sys.stderr)
+        return {**base, "outcome": "rejected", "reason": "teacher_error"}, None
+    full = f"{lead} {continuation.strip()}"
+    verdict = checker.check(full, q.record)
+    reason = verdict.reason
+    if reason is None and checker.config.require_final_answer and not strict_answer(continuation):
+        # The prefix may already hold the answer (a reflection after it): the regenerated part
+        # must state it again, or nothing was checked.
+        reason = "no_final_answer"
+    if reason is not None:
+        return {**base, "outcome": "rejected", "reason": reason}, None
+    return {**base, "outcome": "kept", "tokens": verdict.tokens,
+            "reflections": verdict.reflections}, full
+
+
+# --- orchestration -----------------------------------------------------------------------------
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:
+    """``(item, fn(item))`` in input order, at most ``workers`` calls running at once.
+
+    Order is kept so that a run's shards do not depend on reply timings. On an error the queued
+    calls are cancelled and the running ones are not waited for here.
+    """
+    pool = ThreadPoolExecutor(max_workers=workers)
+    window: list[tuple[T, Future[R]]] = []
+    failed = True
+    try:
+        for item in items:
+            window.append((item, pool.submit(fn, item)))
+            if len(window) >= 2 * workers:  # a little read-ahead keeps every worker busy
+                first, future = window.pop(0)
+                yield first, future.result()
+        for first, future in window:
+            yield first, future.result()
+        failed = False
+    finally:
+        pool.shutdown(wait=not failed, cancel_futures=True)
+
+
+def _progress(desc: str, enabled: bool) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # plain prints instead
+        return None
+    return tqdm(desc=desc, unit="q", disable=not enabled, mininterval=2.0, file=sys.stderr)
+
+
+def run_stage(name: str, items: Iterator[tuple[str, Question | Skip]], work: Callable[..., Any],
+              output: ResumableOutput, concurrency: int, progress: bool,
+              key_suffix: str = "") -> Counter[str]:
+    """Feed the questions not done yet to ``work`` and write its results in input order.
+
+    ``work(question) -> (manifest entry, chain or None)``; a chain is written as the question's
+    record with that response, under the key ``sample_key(question.key) + key_suffix``. Invalid
+    items are reported on stderr and counted by reason (returned).
+    """
+    invalid: Counter[str] = Counter()
+    bar = _progress(name, progress)
+    seen: set[str] = set()
+
+    def todo() -> Iterator[tuple[str, Question | Skip]]:
+        for label, q in items:
+            if isinstance(q, Question):
+                if q.key in seen:
+                    q = Skip("duplicate_key", f"record id {q.key!r} already seen in this partition")
+                else:
+                    seen.add(q.key)
+                    if q.key in output.done:
+                        continue
+            yield label, q
+
+    def call(item: tuple[str, Question | Skip]) -> Any:
+        return None if isinstance(item[1], Skip) else work(item[1])
+
+    n = 0
+    for (label, q), result in ordered_map(call, todo(), concurrency):
+        if isinstance(q, Skip):
+            invalid[q.reason] += 1
+            print(f"{name}: skip input item {label}: {q}", file=sys.stderr)
+            continue
+        entry, response = result
+        if response is None:
+            output.add_rejected(entry)
+        else:
+            key = sample_key(q.key) + key_suffix
+            record = dataclasses.replace(q.record, id=key, response=response)
+            output.add_kept({**entry, "sample": key}, key, record, q.images)
+        n += 1
+        if bar is not None:
+            bar.update(1)
+        elif progress and n % 100 == 0:
+            print(f"distill: {name}: {n} questions done", file=sys.stderr)
+    if bar is not None:
+        bar.close()
+    return invalid
+
+
+def distill(args: argparse.Namespace, teacher: Teacher | None = None) -> dict[str, Any]:
+    """Run both stages for ``args`` (the CLI namespace); returns the report."""
+    out = Path(args.out)
+    check_partitioning(out, args.shard_index, args.num_shards)
+    tokenizer = args.tokenizer
+    if tokenizer is None and str(args.teacher).startswith("local:"):
+        tokenizer = args.teacher.split(":", 1)[1]  # student and teacher share Qwen2-VL's tokenizer
+    if tokenizer is None:
+        raise ValueError("pass --tokenizer DIR (the target model's) to measure chain lengths, or "
+                         "--tokenizer words for a rough whitespace count")
+    # Everything cheap is checked before the teacher (possibly a 72B model) is loaded.
+    checker = ChainChecker(
+        FilterConfig(args.min_tokens, args.max_tokens, args.max_reflections, args.require_final_answer),
+        load_token_counter(tokenizer),
+    )
+    if teacher is None:
+        teacher = make_teacher(args.teacher, model=args.model, timeout=args.timeout,
+                               retries=args.retries, concurrency=args.concurrency,
+                               dtype=args.dtype, device=args.device)
+    settings = Settings(args.rounds, args.best_of, args.temperature, args.max_new_tokens, args.seed,
+                        args.instruction)
+    prefix, manifest_name, report_name = output_names(args.prefix, args.shard_index, args.num_shards)
+    started = time.monotonic()
+    maxsize = args.max_shard_mb << 20
+    questions = iter_questions(args.format, args.input, args.image_root, args.shard_index,
+                               args.num_shards)
+    with ResumableOutput(out, prefix, out / manifest_name, args.samples_per_shard, maxsize) as main:
+        invalid = run_stage("distill", questions, lambda q: solve(q, teacher, checker, settings),
+                            main, args.concurrency, args.progress)
+    report = build_report(main, invalid)
+    if args.offline_dvr:
+        dvr = DVRTransform(p=1.0, max_injections=1, bridges=settings.bridges, seed=args.seed)
+        dvr_dir = out / "dvr"
+        with ResumableOutput(dvr_dir, prefix, dvr_dir / manifest_name, args.samples_per_shard,
+                             maxsize) as side:
+            kept = iter_records(main.shards)
+            unreadable = run_stage(
+                "dvr", kept, lambda q: continue_after_image(q, teacher, checker, settings, dvr),
+                side, args.concurrency, args.progress, key_suffix="-dvr",
+            )
+        report["dvr"] = build_report(side, unreadable)
+    report["partition"] = [args.shard_index, args.num_shards]
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    tmp = out / (report_name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out / report_name)  # a reader never sees half a report
+    print_report(report, out / report_name)
+    return report
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+# Real defaults live here, not in argparse: every flag parses to None when absent, so a config
+# file can fill exactly the flags that the command line did not give.
+DEFAULTS: dict[str, Any] = {}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    def a(flag: str, default: Any = None, **kwargs: Any) -> None:
+        DEFAULTS[flag[2:].replace("-", "_")] = default
+        if default not in (None, False, ""):
+            kwargs["help"] += f" (default: {default})"
+        parser.add_argument(flag, default=None, **kwargs)
+
+    a("--config", type=Path, help="YAML (or .json) file of flag values; command-line flags win")
+    a("--format", "records", choices=["records", "sharegpt", "mathvista", "mathvision"],
+      help="input format")
+    a("--input", help="input file (records: shard directory, glob or brace pattern); required")
+    a("--image-root", type=Path, help="directory image paths are relative to (default: the input "
+      "file's directory)")
+    a("--out", type=Path, help="output directory; required")
+    a("--teacher", help="local:MODEL_DIR, openai:BASE_URL or scripted:FILE; required")
+    a("--model", "default", help="model name sent to an openai: teacher")
+    a("--dtype", "float32", help="local: teacher dtype (float32, bfloat16, float16)")
+    a("--device", help="local: teacher device, e.g. cuda (default: cpu)")
+    a("--rounds", 2, type=int, help="round 1 greedy, later rounds best-of-N sampling")
+    a("--best-of", 8, type=int, help="N: samples per later round")
+    a("--temperature", 1.0, type=float, help="sampling temperature of later rounds")
+    a("--max-new-tokens", 8192, type=int, help="teacher generation limit")
+    a("--seed", 0, type=int, help="base seed (mixed with each question key and round)")
+    a("--instruction", TVC_INSTRUCTION, help="appended to the question sent to the teacher")
+    a("--tokenizer", help="target model's tokenizer dir for lengths, or 'words' (default for "
+      "local: the teacher's)")
+    a("--min-tokens", 200, type=int, help="shortest chain kept (0: no bound)")
+    a("--max-tokens", 8000, type=int, help="longest chain kept (0: no bound)")
+    a("--max-reflections", 25, type=int, help="most reflection words kept (-1: no bound)")
+    a("--require-final-answer", True, action=argparse.BooleanOptionalAction,
+      help="reject chains without a \\boxed{}/'answer is' final answer")
+    a("--offline-dvr", False, action="store_true", help="also write DVR continuations to OUT/dvr/")
+    a("--concurrency", 8, type=int, help="questions in flight at once")
+    a("--timeout", 600.0, type=float, help="openai: seconds per request")
+    a("--retries", 4, type=int, help="openai: retries with exponential backoff")
+    a("--shard-index", 0, type=int, help="this job's partition of the input")
+    a("--num-shards", 1, type=int, help="number of partitions (jobs)")
+    a("--prefix", "distill", help="shard name prefix")
+    a("--samples-per-shard", 1000, type=int, help="shard size bound")
+    a("--max-shard-mb", 1024, type=int, help="shard size bound (MiB)")
+    a("--progress", True, action=argparse.BooleanOptionalAction, help="progress bar on stderr")
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags not given from ``--config``, then from :data:`DEFAULTS`; validate."""
+    if args.config is not None:
+        text = Path(args.config).read_text(encoding="utf-8")
+        if args.config.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{args.config}: expected a mapping of flag names to values")
+        for name, value in values.items():
+            dest = str(name).replace("-", "_")
+            if dest == "config" or dest not in DEFAULTS:
+                raise ValueError(f"{args.config}: unknown key {name!r}")
+            if getattr(args, dest) is None:
+                setattr(args, dest, Path(value) if dest in ("out", "image_root") else value)
+    for dest, default in DEFAULTS.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, default)
+    missing = [f"--{n}" for n in ("input", "out", "teacher") if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (flag or config key)")
+    if not 0 <= args.shard_index < args.num_shards:
+        raise ValueError(f"need 0 <= --shard-index < --num-shards, got {args.shard_index}, "
+                         f"{args.num_shards}")
+    if args.rounds < 1 or args.best_of < 1 or args.concurrency < 1:
+        raise ValueError("--rounds, --best-of and --concurrency must be >= 1")
+    return args
+
+
+def run(args: argparse.Namespace, teacher: Teacher | None = None) -> int:
+    try:
+        distill(resolve(args), teacher)
+    except (ValueError, TeacherError) as e:
+        print(f"distill: error: {e}", file=sys.stderr)
+        return 2
+    return 0
