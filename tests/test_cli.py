@@ -59,3 +59,30 @@ def test_missing_checkpoint_names_the_setting(tiny_workdir):
     with pytest.raises(FileNotFoundError, match="model.model_name_or_path"):
         main(["fit", "--config", str(RECIPE), "--model.model_name_or_path", "./nowhere",
               "--trainer.max_steps", "1"])
+
+
+def test_validate_logs_pvc_and_plain_accuracy_and_table(tiny_workdir):
+    main(["validate", "--config", str(RECIPE), "--trainer.enable_progress_bar", "false",
+          "--model.generation.max_new_tokens", "24"])
+    (run_dir,) = (tiny_workdir / "wandb").glob("offline-run-*")
+    rows = history(run_dir)
+    keys = {k for r in rows for k in r}
+    for key in ("val/loss", "val/pvc_accuracy", "val/plain_accuracy",
+                "val/pvc_calibrations_per_sample", "val/pvc_generated_tokens",
+                "val/pvc_tokens_per_s", "val/visual_attention_curve"):
+        assert any(k == key or k.startswith(key + "/") for k in keys), key
+    table = next(r for r in rows if "val/pvc_samples/_type" in r)
+    assert table["val/pvc_samples/_type"] == "table-file"
+    assert table["val/pvc_samples/nrows"] == 8  # the recipe's 8 val samples (max_samples 16)
+
+
+def test_predict_writes_one_json_line_per_sample(tiny_workdir):
+    import json
+
+    main(["predict", "--config", str(RECIPE), "--trainer.enable_progress_bar", "false",
+          "--model.generation.max_new_tokens", "16"])
+    lines = (tiny_workdir / "predictions.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 8
+    assert {r["id"] for r in records} == {f"synth-val-{i:06d}" for i in range(8)}
+    assert all({"id", "response", "extracted", "calibrations"} <= set(r) for r in records)

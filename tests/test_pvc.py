@@ -192,3 +192,26 @@ def test_trigger_detector_on_text(tiny):
     ids = tok("one two three four five six. seven", add_special_tokens=False)["input_ids"]
     hits = [n for n in range(1, len(ids) + 1) if periodic.check(ids[:n], 0)]
     assert len(hits) == 1 and tok.decode(ids[:hits[0]]).endswith(".")
+
+
+@pytest.mark.parametrize("reset", ["visual", "none"])
+def test_attention_shares_follow_calibrations(tiny, reset):
+    model, processor = tiny
+    config = PVCConfig(reset=reset, max_new_tokens=30, min_new_tokens=30)
+    measured = pvc_generate(model, processor, QUESTIONS, _images(), config,
+                            triggers=ScriptedTriggers(SCRIPT), measure_attention=True)
+    plain = pvc_generate(model, processor, QUESTIONS, _images(), config,
+                         triggers=ScriptedTriggers(SCRIPT))
+    for result, same in zip(measured, plain, strict=True):
+        assert result.token_ids == same.token_ids  # measuring does not change decoding
+        shares = result.attention
+        layers = model.config.text_config.num_hidden_layers
+        # One row per decode step (the first generated token came from the prefill).
+        assert shares.shape == (result.num_generated - 1, layers, 2)
+        first = result.calibrations[0].step - 1  # the step that fed the first chunk
+        assert (shares[:first, :, 1] == 0).all() and (shares[:first, :, 0] > 0).all()
+        assert (shares[first:, :, 1] > 0).all()
+        if reset == "visual":
+            assert (shares[first:, :, 0] == 0).all()
+        else:
+            assert (shares[first:, :, 0] > 0).all()

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 
 from tvc_lightning.pvc import PVCConfig, PVCResult, pvc_generate
+from tvc_lightning.pvc.attention import forgetting_curve
 from tvc_lightning.scoring import AnswerAccuracy, score_record
 
 
@@ -49,8 +50,11 @@ class PVCGenerationCallback(L.Callback):
     Uses the module's ``generation`` config (a :class:`PVCConfig`) and the data module's
     validation records (equal in number on every rank). Logs ``val/pvc_accuracy`` and, with
     ``compare_plain``, ``val/plain_accuracy`` from plain decoding of the same samples in the same
-    run; calibrations per sample, generated tokens and decode tokens/s; and, to W&B, a table of
-    samples (image, question, response with calibration markers, extracted, gold, correct).
+    run; calibrations per sample, generated tokens and decode tokens/s; the visual-forgetting
+    curve (attention share on the original image and on re-injected copies, averaged over layers
+    and samples, in ``curve_bins`` bins of response position) as scalars and a W&B chart; and a
+    W&B table of samples (image, question, response with calibration markers, extracted, gold,
+    correct).
 
     Args:
         compare_plain: Also decode without calibrations, for the side-by-side accuracy.
@@ -58,10 +62,15 @@ class PVCGenerationCallback(L.Callback):
         batch_size: Samples decoded together.
         table_rows: Rows of the W&B samples table (rank 0's samples).
         every_n_epochs: Run on every n-th validation epoch.
+        measure_attention: Measure the visual-attention shares while decoding (hooks; small cost).
+        curve_bins: Response-position bins of the visual-forgetting curve.
     """
 
     def __init__(self, compare_plain: bool = True, max_samples: int | None = None,
-                 batch_size: int = 8, table_rows: int = 16, every_n_epochs: int = 1) -> None:
+                 batch_size: int = 8, table_rows: int = 16, every_n_epochs: int = 1,
+                 measure_attention: bool = True, curve_bins: int = 8) -> None:
+        self.measure_attention = measure_attention
+        self.curve_bins = curve_bins
         self.compare_plain = compare_plain
         self.max_samples = max_samples
         self.batch_size = batch_size
@@ -80,17 +89,19 @@ class PVCGenerationCallback(L.Callback):
         if self.compare_plain:
             modes["plain"] = replace(config, max_calibrations=0)
         rows: list[dict[str, Any]] = []
+        curves: dict[str, torch.Tensor] = {}
         for name, mode_config in modes.items():
             accuracy = AnswerAccuracy().to(pl_module.device)
             generated = calibrations = 0
             elapsed = 0.0
+            sample_curves = []
             for start in range(0, len(records), self.batch_size):
                 chunk = records[start:start + self.batch_size]
                 began = time.perf_counter()
                 results = pvc_generate(
                     pl_module.model, datamodule.processor, [r.question for r, _ in chunk],
                     [images for _, images in chunk], mode_config, chat=datamodule.encoder.chat,
-                    sync=all_ranks_any,
+                    sync=all_ranks_any, measure_attention=self.measure_attention,
                 )
                 elapsed += time.perf_counter() - began
                 for (record, images), result in zip(chunk, results, strict=True):
@@ -98,6 +109,10 @@ class PVCGenerationCallback(L.Callback):
                     accuracy.update([correct])
                     generated += result.num_generated
                     calibrations += len(result.calibrations)
+                    if result.attention is not None and len(result.attention):
+                        # (bins, layers, 2) -> mean over layers: (bins, 2) original / copy
+                        curve = forgetting_curve(result.attention, self.curve_bins)
+                        sample_curves.append(curve.nanmean(dim=1))
                     if name == "pvc" and len(rows) < self.table_rows:
                         rows.append({"record": record, "image": images[0], "extracted": extracted,
                                      "correct": correct, "response": marked_response(
@@ -108,7 +123,31 @@ class PVCGenerationCallback(L.Callback):
             pl_module.log(f"val/{name}_tokens_per_s", generated / max(elapsed, 1e-9), sync_dist=True)
             if name == "pvc":
                 pl_module.log("val/pvc_calibrations_per_sample", calibrations / n, sync_dist=True)
+            if sample_curves:
+                curves[name] = torch.stack(sample_curves).nanmean(dim=0)
+                for k, (original, copy) in enumerate(curves[name].tolist()):
+                    pl_module.log(f"val/visual_attention/{name}_original_bin{k}", original,
+                                  sync_dist=True)
+                    pl_module.log(f"val/visual_attention/{name}_copy_bin{k}", copy, sync_dist=True)
         self._log_table(trainer, rows)
+        self._log_curve(trainer, curves)
+
+    def _log_curve(self, trainer: L.Trainer, curves: dict[str, torch.Tensor]) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers or not curves or trainer.global_rank != 0:
+            return
+        import wandb
+
+        xs = [(k + 0.5) / self.curve_bins for k in range(self.curve_bins)]
+        keys, ys = [], []
+        for name, curve in curves.items():
+            for column, part in enumerate(("original image", "re-injected copies")):
+                keys.append(f"{name}: {part}")
+                ys.append([0.0 if v != v else v for v in curve[:, column].tolist()])  # NaN -> 0
+        chart = wandb.plot.line_series(xs=xs, ys=ys, keys=keys, xname="response position",
+                                       title="Visual attention share over the response")
+        loggers[0].experiment.log({"val/visual_attention_curve": chart,
+                                   "trainer/global_step": trainer.global_step})
 
     def _log_table(self, trainer: L.Trainer, rows: list[dict[str, Any]]) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]

@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import DynamicCache
 
 from tvc_lightning.data.tokenize import ChatFormat
+from tvc_lightning.pvc.attention import VisualAttentionProbe
 from tvc_lightning.pvc.config import PVCConfig
 from tvc_lightning.pvc.sampling import next_tokens
 from tvc_lightning.pvc.triggers import Trigger, TriggerDetector
@@ -52,13 +53,16 @@ class Calibration:
 class PVCResult:
     """One sample's output. ``token_ids`` is what the model saw after the prompt: its own tokens
     and the injected chunks (bridge, vision markers, pooled image pads); ``text`` decodes it
-    without special tokens, so the image pads vanish and bridges remain."""
+    without special tokens, so the image pads vanish and bridges remain. ``attention``
+    (with ``measure_attention``): per decode step, per layer, the attention share of the newest
+    token on the original image ``[..., 0]`` and on re-injected copies ``[..., 1]``."""
 
     token_ids: list[int]
     text: str
     calibrations: list[Calibration]
     num_generated: int
     finish_reason: str
+    attention: torch.Tensor | None = None
 
 
 @dataclass
@@ -93,7 +97,7 @@ class _Row:
 class _Decoder:
     def __init__(self, model: Any, processor: Any, config: PVCConfig, chat: ChatFormat,
                  recompute: bool, triggers: Any = None,
-                 sync: Callable[[bool], bool] | None = None) -> None:
+                 sync: Callable[[bool], bool] | None = None, measure_attention: bool = False) -> None:
         self.model, self.config, self.chat, self.recompute = model, config, chat, recompute
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
@@ -108,6 +112,7 @@ class _Decoder:
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.detector = triggers or TriggerDetector(config, self.tokenizer)
         self.sync = sync
+        self.probe = VisualAttentionProbe(model) if measure_attention else None
         self.device = self.embed.weight.device
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
 
@@ -163,6 +168,8 @@ class _Decoder:
         else:
             mask = self._visibility_mask(rows, hidden_from)
         cache = DynamicCache()
+        if self.probe is not None:
+            self.probe.set_key_kinds(kinds)
         logits = self._forward(ids, features, mask, pos, cache, torch.full((batch,), width - 1))
         return cache, kinds, logits
 
@@ -206,6 +213,8 @@ class _Decoder:
         ids_t = torch.tensor(ids, device=self.device)
         pos_t = torch.tensor(pos, device=self.device).permute(2, 0, 1)
         kinds = torch.cat([kinds, torch.tensor(new_kinds, device=self.device)], dim=1)
+        if self.probe is not None:
+            self.probe.set_key_kinds(kinds)
         mask = (kinds >= 0).long()
         logits = self._forward(ids_t, features, mask, pos_t, cache, last)
         return kinds, logits
@@ -294,6 +303,13 @@ class _Decoder:
 
     @torch.no_grad()
     def run(self, questions: list[str], images: list[list[Image.Image]]) -> list[PVCResult]:
+        try:
+            return self._run(questions, images)
+        finally:
+            if self.probe is not None:
+                self.probe.remove()
+
+    def _run(self, questions: list[str], images: list[list[Image.Image]]) -> list[PVCResult]:
         rows = self._rows(questions, images)
         done: list[_Row] = []
         cache, kinds, logits = self._prefill(rows)
@@ -329,6 +345,8 @@ class _Decoder:
                 index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(index)
                 kinds, seen = kinds[index], seen[index]
+                if self.probe is not None:
+                    self.probe.select_rows(index)
             if calibrated and self.recompute:
                 cache, kinds, logits = self._prefill(rows)
             else:
@@ -347,7 +365,9 @@ class _Decoder:
 
     def _result(self, r: _Row) -> PVCResult:
         text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
-        return PVCResult(r.generated, text, r.calibrations, r.num_generated, r.finish or "length")
+        attention = self.probe.row_records(r.sample) if self.probe is not None else None
+        return PVCResult(r.generated, text, r.calibrations, r.num_generated, r.finish or "length",
+                         attention)
 
 
 def pvc_generate(
@@ -360,6 +380,7 @@ def pvc_generate(
     recompute: bool = False,
     triggers: Any = None,
     sync: Callable[[bool], bool] | None = None,
+    measure_attention: bool = False,
 ) -> list[PVCResult]:
     """Decode answers to ``questions`` (one list of PIL images each) with PVC.
 
@@ -370,11 +391,13 @@ def pvc_generate(
     returning a :class:`~tvc_lightning.pvc.triggers.Trigger` or None (default: the config's).
     ``sync(local_active) -> any_rank_active`` keeps distributed ranks in step: a rank whose rows
     are done runs idle forwards until every rank is done (see ``callbacks.all_ranks_any``).
+    ``measure_attention`` fills each result's ``attention`` with the visual-attention shares
+    (hooks on the attention layers; no switch to eager attention).
     """
     if len(questions) != len(images):
         raise ValueError(f"{len(questions)} questions but {len(images)} image lists")
     if any(not imgs for imgs in images):
         raise ValueError("every question needs at least one image")
     decoder = _Decoder(model, processor, config or PVCConfig(), chat or ChatFormat(), recompute,
-                       triggers, sync)
+                       triggers, sync, measure_attention)
     return decoder.run(questions, images)
