@@ -86,3 +86,29 @@ def test_predict_writes_one_json_line_per_sample(tiny_workdir):
     assert len(records) == 8
     assert {r["id"] for r in records} == {f"synth-val-{i:06d}" for i in range(8)}
     assert all({"id", "response", "extracted", "calibrations"} <= set(r) for r in records)
+
+
+def test_export_reloads_with_transformers_and_same_logits(tiny_workdir, tmp_path):
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from tvc_lightning.module import TVCModule
+
+    main(["fit", "--config", str(RECIPE), "--trainer.max_steps", "2",
+          "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"])
+    ckpt = tiny_workdir / "checkpoints" / "last.ckpt"
+    out = tmp_path / "exported"
+    main(["export", str(ckpt), "--out", str(out), "--dtype", "float32"])
+    exported = Qwen2VLForConditionalGeneration.from_pretrained(out).eval()
+    module = TVCModule.load_from_checkpoint(ckpt, map_location="cpu")  # configure_model runs lazily
+    module.configure_model()
+    module.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
+    module.eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        theirs = exported(input_ids=ids).logits
+        ours = module.model(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours)
+    base = Qwen2VLForConditionalGeneration.from_pretrained(tiny_workdir / "model").eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=ids).logits, theirs)  # training changed it

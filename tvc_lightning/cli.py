@@ -1,12 +1,14 @@
 """The command line: LightningCLI over TVCModule and TVCDataModule.
 
-``python -m tvc_lightning fit --config recipes/tiny.yaml`` (also ``validate``, ``test``);
+``python -m tvc_lightning fit --config recipes/tiny.yaml`` (also ``validate``, ``test``,
+``predict``; and ``export CKPT --out DIR`` for an HF-format model directory);
 ``--print_config`` shows the composed configuration, several ``--config`` files compose, and
 dotted overrides (``--model.lr 1e-5``) work as in any LightningCLI.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -23,7 +25,13 @@ class TVCLightningCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
 
 
-def main(args: list[str] | None = None) -> TVCLightningCLI:
+def main(args: list[str] | None = None) -> TVCLightningCLI | None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["export"]:
+        from tvc_lightning.export import main as export_main
+
+        export_main(argv[1:])
+        return None
     # The shard stream splits its work across DataLoader workers itself, so its nominal __len__ is
     # accurate; Lightning cannot know that and warns on every run.
     warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")

@@ -1,0 +1,80 @@
+"""``python -m tvc_lightning export CKPT --out DIR``: a trained checkpoint as an HF model directory.
+
+The directory holds safetensors weights, ``config.json``, ``generation_config.json`` and the
+processor (tokenizer, chat template, image processor) of the checkpoint the run started from, so
+``Qwen2VLForConditionalGeneration.from_pretrained(DIR)`` and vLLM load it directly.
+
+``CKPT`` is a Lightning ``.ckpt`` file, or a DeepSpeed checkpoint directory (ZeRO shards), which
+is first consolidated into one fp32 state dict (needs ``deepspeed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tvc_lightning.hf import load_processor, resolve_dtype
+
+_PREFIX = "model."  # TVCModule keeps the HF model as its ``model`` attribute
+
+
+def _lightning_checkpoint(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        try:
+            from lightning.pytorch.utilities.deepspeed import (
+                convert_zero_checkpoint_to_fp32_state_dict,
+            )
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise ImportError(
+                f"{path} is a DeepSpeed checkpoint directory: `pip install deepspeed` to export it"
+            ) from e
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "consolidated.ckpt"
+            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
+            return torch.load(out, map_location="cpu", weights_only=False)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
+                      base_model: str | None = None, dtype: str = "bfloat16") -> Path:
+    """Write ``checkpoint``'s model as an HF directory; returns ``out_dir``.
+
+    ``base_model`` is the checkpoint directory the run started from (its config and processor
+    are reused); by default the ``model_name_or_path`` stored in the checkpoint's hyperparameters.
+    """
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+    ckpt = _lightning_checkpoint(Path(checkpoint))
+    base = base_model or ckpt.get("hyper_parameters", {}).get("model_name_or_path")
+    if not base:
+        raise ValueError(f"{checkpoint}: no model_name_or_path in its hyperparameters; pass --base-model")
+    state = {k[len(_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(_PREFIX)}
+    if not state:
+        raise ValueError(f"{checkpoint}: no '{_PREFIX}*' weights in its state_dict")
+    config = AutoConfig.from_pretrained(base)
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model = model.to(resolve_dtype(dtype))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    load_processor(base).save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tvc_lightning export", description=__doc__)
+    parser.add_argument("checkpoint", help="Lightning .ckpt file or DeepSpeed checkpoint directory")
+    parser.add_argument("--out", required=True, help="output HF model directory")
+    parser.add_argument("--base-model", default=None,
+                        help="checkpoint dir the run started from (default: from the checkpoint)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    print(export_checkpoint(args.checkpoint, args.out, args.base_model, args.dtype))
