@@ -35,12 +35,19 @@ def main(args: list[str] | None = None) -> TVCLightningCLI | None:
     # The shard stream splits its work across DataLoader workers itself, so its nominal __len__ is
     # accurate; Lightning cannot know that and warns on every run.
     warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
-    return TVCLightningCLI(
-        TVCModule,
-        TVCDataModule,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        return TVCLightningCLI(
+            TVCModule,
+            TVCDataModule,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    finally:
+        # Close the W&B run (offline runs are written out then); a later main() in the same
+        # process, as in tests or notebooks, must not append to this one.
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()
 
 
 if __name__ == "__main__":

@@ -35,11 +35,24 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
 
 
+def check_checkpoint_path(path: str | Path, setting: str = "model.model_name_or_path") -> None:
+    """A path that looks local must be a checkpoint directory: say so, naming the setting,
+    rather than letting the hub client complain about an invalid repo id."""
+    local = Path(str(path)).expanduser()
+    looks_local = str(path).startswith((".", "/", "~")) or local.exists()
+    if looks_local and not (local / "config.json").exists():
+        raise FileNotFoundError(
+            f"{setting}={str(path)!r}: no config.json there. Point it at a local HF checkpoint "
+            "directory (e.g. one written by `python -m tvc_lightning.testing DIR`)."
+        )
+
+
 def load_processor(path: str | Path, min_pixels: int | None = None,
                    max_pixels: int | None = None) -> ImageOnlyQwen2VLProcessor:
     """Tokenizer + image processor of a Qwen2-VL checkpoint; pixel limits override the saved ones."""
     from transformers import AutoImageProcessor
 
+    check_checkpoint_path(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     kwargs: dict[str, Any] = {}
     if min_pixels is not None:
@@ -61,12 +74,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 def load_model(path: str | Path, dtype: str = "float32",
                attn_implementation: str = "sdpa") -> Qwen2VLForConditionalGeneration:
     """``Qwen2VLForConditionalGeneration.from_pretrained`` with a clear error for a bad path."""
-    local = Path(str(path)).expanduser()
-    if (str(path).startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").exists():
-        raise FileNotFoundError(
-            f"model.model_name_or_path={str(path)!r}: no config.json there. Point it at a local HF "
-            "checkpoint directory (e.g. one written by `python -m tvc_lightning.testing DIR`)."
-        )
+    check_checkpoint_path(path)
     return Qwen2VLForConditionalGeneration.from_pretrained(
         str(path), dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
     )

@@ -38,6 +38,9 @@ class TVCWandbLogger(WandbLogger):
                  save_dir: str = "outputs", log_model: bool | str = False, **kwargs: Any) -> None:
         mode = os.environ.get("WANDB_MODE")
         offline = mode == "offline" if mode else not wandb_key_configured()
+        # Absolute: wandb keeps process-wide settings across runs, so a relative folder could
+        # resolve against the working directory of an earlier run in the same process.
+        save_dir = str(Path(save_dir).resolve())
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(project=project, name=name, save_dir=save_dir, offline=offline,
                          log_model=log_model, **kwargs)
