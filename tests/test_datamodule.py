@@ -64,6 +64,7 @@ def test_bad_records_are_skipped_counted_and_training_continues(tmp_path, tiny_c
                        shuffle_buffer=0, max_length=512, dvr=DVRTransform(p=1.0, pool_kernel=2))
     module = TVCModule(str(tiny_checkpoint), lr=1e-3)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        limit_val_batches=0,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=dm)
     counts = dm.skip_counter.as_dict()

@@ -262,7 +262,8 @@ def test_score_record_text_and_list():
 
 def test_answer_accuracy_accumulates():
     metric = AnswerAccuracy()
-    assert metric.compute().item() == 0.0  # nothing scored: 0.0, documented, not NaN
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        assert metric.compute().item() == 0.0  # nothing scored: 0.0, documented, not NaN
     metric.update([True, False, True])
     metric.update(torch.tensor([[True], [True]]))
     metric.update([])

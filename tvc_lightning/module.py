@@ -186,11 +186,6 @@ class TVCModule(L.LightningModule):
         self.log("test/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        if isinstance(batch, list):
-            return batch  # predict's raw samples (records, PIL images): the decoder moves tensors
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
         """PVC-decode a batch of raw samples; one JSON-ready dict per (non-padding) sample."""
         from tvc_lightning.callbacks import all_ranks_any

@@ -185,6 +185,11 @@ class TVCDataModule(L.LightningDataModule):
         return DataLoader(_ListDataset(self.predict_items), batch_size=self.batch_size,
                           collate_fn=list)
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, list):
+            return batch  # predict's raw samples (records, PIL images): the decoder moves tensors
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def _loader(self, dataset: Dataset, workers: int) -> DataLoader:
         return DataLoader(
             dataset, batch_size=self.batch_size, collate_fn=self.collator, num_workers=workers,
