@@ -115,3 +115,35 @@ def test_export_reloads_with_transformers_and_same_logits(tiny_workdir, tmp_path
     base = Qwen2VLForConditionalGeneration.from_pretrained(tiny_workdir / "model").eval()
     with torch.no_grad():
         assert not torch.allclose(base(input_ids=ids).logits, theirs)  # training changed it
+
+
+def test_distilled_shards_train_with_the_tiny_recipe(tiny_workdir, tmp_path):
+    """The data engine's output is valid training input: distill (scripted teacher answering
+    with the synth chains) -> shards -> `fit --config recipes/tiny.yaml` on them."""
+    import json
+    from collections import defaultdict
+
+    from data_engine.__main__ import main as data_engine_main
+    from tvc_lightning.data.shards import SkipCounter, load_split
+
+    source = tiny_workdir / "data" / "train"
+    records = load_split(str(source), SkipCounter(), world_size=1, rank=0)[:12]
+    subset = tmp_path / "subset"
+    write_split(subset, "train", 12, seed=0, per_shard=12, image_size=160)
+    responses = defaultdict(list)
+    for record, _ in records:
+        responses[record.question].append([record.response])
+    (tmp_path / "teacher.json").write_text(json.dumps({"responses": responses}))
+    out = tmp_path / "distilled"
+    assert data_engine_main([
+        "distill", "--format", "records", "--input", str(subset / "train"), "--out", str(out),
+        "--teacher", f"scripted:{tmp_path / 'teacher.json'}", "--tokenizer", "words",
+        "--min-tokens", "0", "--concurrency", "1", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["kept"] == 12
+    main(["fit", "--config", str(RECIPE), "--data.train_shards", str(out),
+          "--data.val_shards", str(out), "--trainer.max_epochs", "1",
+          "--trainer.enable_progress_bar", "false"])
+    (run_dir,) = (tiny_workdir / "wandb").glob("offline-run-*")
+    losses = [r["train/loss"] for r in history(run_dir) if "train/loss" in r]
+    assert losses and all(loss == loss for loss in losses)
