@@ -118,7 +118,8 @@ class PVCGenerationCallback(L.Callback):
                                      "correct": correct, "response": marked_response(
                                          result, datamodule.processor.tokenizer)})
             n = max(1, len(records))
-            pl_module.log(f"val/{name}_accuracy", accuracy.compute(), sync_dist=False)
+            # compute() has already summed over ranks; sync_dist averages identical values.
+            pl_module.log(f"val/{name}_accuracy", accuracy.compute(), sync_dist=True)
             pl_module.log(f"val/{name}_generated_tokens", generated / n, sync_dist=True)
             pl_module.log(f"val/{name}_tokens_per_s", generated / max(elapsed, 1e-9), sync_dist=True)
             if name == "pvc":
