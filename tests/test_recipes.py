@@ -1,0 +1,82 @@
+"""Recipes parse, keep one source of truth per setting, and describe the real model sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tvc_lightning.cli import main
+from tvc_lightning.module import TVCModule
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+# Qwen2-VL-{7B,72B}-Instruct's published architecture (their config.json), and the parameter
+# counts of their model cards: 8.29B and 73.4B.
+QWEN2_VL = {
+    "7b": dict(hidden=3584, layers=28, heads=28, kv=4, inter=18944, billions=8.29, digits=2),
+    "72b": dict(hidden=8192, layers=80, heads=64, kv=8, inter=29568, billions=73.4, digits=1),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_recipe_parses_and_composes(recipe, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(RECIPES / recipe), "--print_config"])
+    assert info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    # Set once on the model; the data module's copy is a link, not a second setting.
+    assert printed["model"]["model_name_or_path"]
+    assert "model_name_or_path" not in printed["data"]
+
+
+@pytest.mark.parametrize("size", ["7b", "72b"])
+def test_big_recipes_match_tvc_setup(size):
+    recipe = yaml.safe_load((RECIPES / f"{size}.yaml").read_text())
+    trainer, model, data = recipe["trainer"], recipe["model"], recipe["data"]
+    global_batch = (data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"]
+                    * trainer["num_nodes"])
+    assert global_batch == 256
+    assert "Global batch = batch_size 1 x accumulate_grad_batches 4 x 8 GPUs x 8 nodes = 256" in (
+        RECIPES / f"{size}.yaml").read_text()
+    assert trainer["precision"] == "bf16-mixed" and trainer["gradient_clip_val"] == 1.0
+    assert trainer["max_epochs"] == 5 and model["lr"] == 2e-5 and model["warmup_ratio"] == 0.1
+    assert model["freeze"] == ["visual"] and model["gradient_checkpointing"] is True
+    assert data["max_length"] == 8192 and data["max_pixels"] == 512 * 512
+    ds_config = Path(trainer["strategy"]["init_args"]["config"])
+    ds = json.loads((RECIPES.parent / ds_config).read_text())
+    # The DeepSpeed JSON holds ZeRO settings only: precision, accumulation, clipping are the Trainer's.
+    assert list(ds) == ["zero_optimization"]
+    assert ds["zero_optimization"]["stage"] == (3 if size == "72b" else 2)
+
+
+@pytest.mark.parametrize("size", ["7b", "72b"])
+def test_real_sizes_build_on_meta_device(size):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    s = QWEN2_VL[size]
+    config = Qwen2VLConfig(
+        text_config=dict(hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                         num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
+                         intermediate_size=s["inter"], vocab_size=152064),
+        vision_config=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4,
+                           hidden_size=s["hidden"]),
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(config)
+    assert all(p.device.type == "meta" for p in model.parameters())  # nothing allocated
+    total = sum(p.numel() for p in model.parameters())
+    visual = sum(p.numel() for p in model.model.visual.parameters())
+    assert round(total / 1e9, s["digits"]) == s["billions"]
+    assert 0.6e9 < visual < 0.7e9  # the 675M-parameter ViT with its merger
+    # TVC trains everything but the vision tower (merger included): the module's freeze does so.
+    module = TVCModule("unused", freeze=["visual"])
+    module.model = model
+    module._apply_freeze()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == total - visual
+    assert not any(p.requires_grad for p in model.model.visual.merger.parameters())
