@@ -80,3 +80,32 @@ def test_real_sizes_build_on_meta_device(size):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == total - visual
     assert not any(p.requires_grad for p in model.model.visual.merger.parameters())
+
+
+def _import(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+def test_fsdp_recipe_builds_its_strategy_wrapping_each_decoder_layer():
+    # Lightning's Trainer refuses FSDP without a GPU, so build the strategy as the CLI would.
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer, Qwen2VLVisionBlock
+
+    recipe = yaml.safe_load((RECIPES / "72b_fsdp.yaml").read_text())
+    spec = recipe["trainer"]["strategy"]
+    init = dict(spec["init_args"])
+    init["auto_wrap_policy"] = {_import(c) for c in init["auto_wrap_policy"]}
+    strategy = _import(spec["class_path"])(**init)
+    assert strategy.sharding_strategy.name == "FULL_SHARD"
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Qwen2VLDecoderLayer,
+                                                                   Qwen2VLVisionBlock}
+    assert recipe["model"]["gradient_checkpointing"] is True  # the model's switch, not FSDP's
+
+
+@pytest.mark.parametrize("size", ["7b", "72b"])
+def test_deepspeed_recipe_builds_its_strategy(size):
+    pytest.importorskip("deepspeed", reason="deepspeed is not part of the CPU set-up (pip install deepspeed)")
+    recipe = yaml.safe_load((RECIPES / f"{size}.yaml").read_text())
+    spec = recipe["trainer"]["strategy"]
+    strategy = _import(spec["class_path"])(config=str(RECIPES.parent / spec["init_args"]["config"]))
+    assert strategy.config["zero_optimization"]["stage"] == (3 if size == "72b" else 2)
