@@ -46,13 +46,6 @@ def merged_grids(image_grid_thw: torch.Tensor, merge_size: int) -> list[tuple[in
     return [(int(h) // merge_size, int(w) // merge_size) for _, h, w in image_grid_thw.tolist()]
 
 
-def segment_grids(
-    grids: Sequence[tuple[int, int]], visual_segments: torch.Tensor
-) -> list[tuple[int, int]]:
-    """The token grid of each visual segment (original or pooled copy), in sequence order."""
-    return [pooled_grid(*grids[int(i)], int(k)) for i, k in visual_segments.tolist()]
-
-
 def mrope_positions(
     input_ids: torch.Tensor,
     image_token_id: int,

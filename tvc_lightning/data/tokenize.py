@@ -131,6 +131,6 @@ class SampleEncoder:
         learned = torch.zeros_like(input_ids, dtype=torch.bool)
         for a, b in targets:
             learned |= (starts >= a) & (starts < b)
-        # Visual markers inside a learned span (none today) would still never be learned.
+        # Image placeholders are never learned, even if a span were ever to cover one.
         learned &= input_ids != self.image_token_id
         return torch.where(learned, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
