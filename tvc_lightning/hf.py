@@ -71,10 +71,27 @@ def resolve_dtype(name: str) -> torch.dtype:
         raise ValueError(f"model dtype {name!r} not one of {sorted(_DTYPES)}") from None
 
 
-def load_model(path: str | Path, dtype: str = "float32",
-               attn_implementation: str = "sdpa") -> Qwen2VLForConditionalGeneration:
-    """``Qwen2VLForConditionalGeneration.from_pretrained`` with a clear error for a bad path."""
+# transformers decides "partition while loading" from a process-wide weak reference to this object.
+_zero3_config: Any = None
+
+
+def load_model(path: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa",
+               deepspeed_config: dict[str, Any] | None = None) -> Qwen2VLForConditionalGeneration:
+    """``Qwen2VLForConditionalGeneration.from_pretrained`` with a clear error for a bad path.
+
+    With a ZeRO-3 ``deepspeed_config`` the weights are materialized already partitioned across
+    ranks (no full copy per rank): transformers' DeepSpeed integration is kept alive for the
+    load, which makes ``from_pretrained`` build the model under ``deepspeed.zero.Init``.
+    """
+    global _zero3_config
     check_checkpoint_path(path)
+    stage = ((deepspeed_config or {}).get("zero_optimization") or {}).get("stage")
+    if stage == 3:
+        try:
+            from transformers.integrations import HfDeepSpeedConfig
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise ImportError("ZeRO-3 loading needs `pip install deepspeed accelerate`") from e
+        _zero3_config = HfDeepSpeedConfig(deepspeed_config)
     return Qwen2VLForConditionalGeneration.from_pretrained(
         str(path), dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
     )

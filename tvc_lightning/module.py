@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from tvc_lightning.data.tokenize import IGNORE_INDEX
 from tvc_lightning.hf import load_model
 from tvc_lightning.loss import chunked_cross_entropy
 from tvc_lightning.pvc import PVCConfig, pvc_generate
@@ -72,10 +73,15 @@ class TVCModule(L.LightningModule):
         if self.model is not None:
             return
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        # Under DeepSpeed ZeRO-3 the checkpoint is loaded straight into partitioned parameters.
+        deepspeed_config = getattr(strategy, "config", None) if type(strategy).__name__ == (
+            "DeepSpeedStrategy") else None
         self.model = load_model(
             self.hparams.model_name_or_path,
             dtype=_LOAD_DTYPE.get(precision, "float32"),
             attn_implementation=self.hparams.attn_implementation,
+            deepspeed_config=deepspeed_config,
         )
         self.model.config.use_cache = False
         self.model.train()  # from_pretrained returns eval mode; Lightning switches it for validation
@@ -141,9 +147,17 @@ class TVCModule(L.LightningModule):
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean next-token cross-entropy over labelled positions, and the number of them."""
         hidden = self.hidden_states(batch)
+        labels = batch["labels"][:, 1:]
+        chunk = self.hparams.loss_chunk_size
+        chunks = max(1, -(-int((labels != IGNORE_INDEX).sum()) // chunk))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Under ZeRO-3 every lm_head call gathers its weight collectively: all ranks must make
+            # as many calls as the rank with the most labelled tokens.
+            count = torch.tensor([chunks], device=hidden.device)
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+            chunks = int(count.item())
         loss_sum, n_tokens = chunked_cross_entropy(
-            hidden[:, :-1], self.model.lm_head, batch["labels"][:, 1:],
-            chunk_size=self.hparams.loss_chunk_size,
+            hidden[:, :-1], self.model.lm_head, labels, chunk_size=chunk, min_chunks=chunks,
         )
         return loss_sum / n_tokens.clamp(min=1), n_tokens
 

@@ -318,36 +318,41 @@ class _Decoder:
         for b, r in enumerate(rows):
             seen[b, torch.tensor(r.seq_ids, device=self.device).clamp(max=vocab - 1)] = True
         eos = torch.tensor(sorted(self.eos_ids), device=self.device)
-        while self._any_active(bool(rows)):
+        # Each iteration: pick tokens, then one collective "anyone still decoding?", then exactly
+        # one forward on every rank (an idle one where this rank is done), so ZeRO-3's gathers
+        # line up across ranks.
+        while True:
+            calibrated = False
+            if rows:
+                if self.config.min_new_tokens:
+                    young = torch.tensor([r.num_generated < self.config.min_new_tokens for r in rows],
+                                         device=self.device)
+                    logits[young.nonzero().unsqueeze(1), eos] = float("-inf")
+                tokens = next_tokens(logits, seen, self.config, self.generator)
+                for b, (r, t) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+                    calibrated |= self._accept(r, t, kinds[b])
+                seen[torch.arange(len(rows), device=self.device), tokens] = True
+                if calibrated:
+                    for b, r in enumerate(rows):
+                        if len(r.pending) > 1:
+                            ids = torch.tensor(r.pending, device=self.device).clamp(max=vocab - 1)
+                            seen[b, ids] = True
+                keep = [b for b, r in enumerate(rows) if r.finish is None]
+                done += [r for r in rows if r.finish is not None]
+                if len(keep) < len(rows):
+                    # Finished rows leave the batch: they stop costing attention and matmuls.
+                    rows = [rows[b] for b in keep]
+                    index = torch.tensor(keep, device=self.device, dtype=torch.long)
+                    if rows:
+                        cache.batch_select_indices(index)
+                        kinds, seen = kinds[index], seen[index]
+                        if self.probe is not None:
+                            self.probe.select_rows(index)
+            if not self._any_active(bool(rows)):
+                break
             if not rows:
                 self._idle_forward()
-                continue
-            if self.config.min_new_tokens:
-                young = torch.tensor([r.num_generated < self.config.min_new_tokens for r in rows],
-                                     device=self.device)
-                logits[young.nonzero().unsqueeze(1), eos] = float("-inf")
-            tokens = next_tokens(logits, seen, self.config, self.generator)
-            calibrated = False
-            for b, (r, t) in enumerate(zip(rows, tokens.tolist(), strict=True)):
-                calibrated |= self._accept(r, t, kinds[b])
-            seen[torch.arange(len(rows), device=self.device), tokens] = True
-            if calibrated:
-                for b, r in enumerate(rows):
-                    if len(r.pending) > 1:
-                        seen[b, torch.tensor(r.pending, device=self.device).clamp(max=vocab - 1)] = True
-            keep = [b for b, r in enumerate(rows) if r.finish is None]
-            done += [r for r in rows if r.finish is not None]
-            if len(keep) < len(rows):
-                # Finished rows leave the batch: they stop costing attention and matmuls.
-                rows = [rows[b] for b in keep]
-                if not rows:
-                    continue
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                kinds, seen = kinds[index], seen[index]
-                if self.probe is not None:
-                    self.probe.select_rows(index)
-            if calibrated and self.recompute:
+            elif calibrated and self.recompute:
                 cache, kinds, logits = self._prefill(rows)
             else:
                 kinds, logits = self._step(rows, cache, kinds)
@@ -361,7 +366,7 @@ class _Decoder:
         under ZeRO-3 every forward gathers parameters collectively, so all ranks must call it."""
         ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
         pos = torch.zeros((3, 1, 1), dtype=torch.long, device=self.device)
-        self._forward(ids, [], torch.ones_like(ids), pos, DynamicCache(), torch.zeros(1))
+        self._forward(ids, [], torch.ones_like(ids), pos, DynamicCache(), torch.zeros(1, dtype=torch.long))
 
     def _result(self, r: _Row) -> PVCResult:
         text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
