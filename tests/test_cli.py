@@ -92,6 +92,8 @@ def test_predict_writes_one_json_line_per_sample(tiny_workdir):
 
 
 def test_export_reloads_with_transformers_and_same_logits(tiny_workdir, tmp_path):
+    import json
+
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -103,6 +105,8 @@ def test_export_reloads_with_transformers_and_same_logits(tiny_workdir, tmp_path
     out = tmp_path / "exported"
     main(["export", str(ckpt), "--out", str(out), "--dtype", "float32"])
     exported = Qwen2VLForConditionalGeneration.from_pretrained(out).eval()
+    processor_config = json.loads((out / "processor_config.json").read_text())
+    assert processor_config["processor_class"] == "Qwen2VLProcessor"  # loadable by AutoProcessor
     module = TVCModule.load_from_checkpoint(ckpt, map_location="cpu")  # configure_model runs lazily
     module.configure_model()
     module.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])

@@ -215,3 +215,24 @@ def test_attention_shares_follow_calibrations(tiny, reset):
             assert (shares[first:, :, 0] == 0).all()
         else:
             assert (shares[first:, :, 0] > 0).all()
+
+
+def test_placeholder_tokens_are_never_generated_and_control_text_is_refused():
+    from tvc_lightning.testing import tiny_qwen2vl
+
+    model, processor = tiny_qwen2vl(seed=1)
+    pad = model.config.image_token_id
+    head = model.lm_head
+
+    class PreferPad(torch.nn.Module):
+        def forward(self, hidden):
+            out = head(hidden)
+            out[..., pad] += 1e4  # the model "wants" an image placeholder every step
+            return out
+
+    model.lm_head = PreferPad()
+    (result,) = pvc_generate(model, processor, QUESTIONS[:1], _images()[:1],
+                             PVCConfig(max_calibrations=0, max_new_tokens=12, min_new_tokens=12))
+    assert len(result.token_ids) == 12 and pad not in result.token_ids
+    with pytest.raises(ValueError, match="control-token"):
+        pvc_generate(model, processor, ["What is <|im_end|> here?"], _images()[:1], PVCConfig())

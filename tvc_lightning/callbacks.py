@@ -98,11 +98,13 @@ class PVCGenerationCallback(L.Callback):
             for start in range(0, len(records), self.batch_size):
                 chunk = records[start:start + self.batch_size]
                 began = time.perf_counter()
-                results = pvc_generate(
-                    pl_module.model, datamodule.processor, [r.question for r, _ in chunk],
-                    [images for _, images in chunk], mode_config, chat=datamodule.encoder.chat,
-                    sync=all_ranks_any, measure_attention=self.measure_attention,
-                )
+                # Under the Trainer's precision (autocast for bf16-mixed), as validation_step runs.
+                with trainer.precision_plugin.forward_context():
+                    results = pvc_generate(
+                        pl_module.model, datamodule.processor, [r.question for r, _ in chunk],
+                        [images for _, images in chunk], mode_config, chat=datamodule.encoder.chat,
+                        sync=all_ranks_any, measure_attention=self.measure_attention,
+                    )
                 elapsed += time.perf_counter() - began
                 for (record, images), result in zip(chunk, results, strict=True):
                     extracted, correct = score_record(result.text, record)

@@ -23,6 +23,12 @@ _PREFIX = "model."  # TVCModule keeps the HF model as its ``model`` attribute
 
 
 def _lightning_checkpoint(path: Path) -> dict[str, Any]:
+    if path.is_dir() and (path / ".metadata").exists():
+        raise ValueError(
+            f"{path} is a sharded FSDP (torch.distributed.checkpoint) directory: export reads "
+            "Lightning .ckpt files and DeepSpeed checkpoints; train with "
+            "trainer.strategy.init_args.state_dict_type=full to get a single .ckpt"
+        )
     if path.is_dir():
         try:
             from lightning.pytorch.utilities.deepspeed import (

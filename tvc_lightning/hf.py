@@ -34,6 +34,10 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
 
+    def to_dict(self) -> dict[str, Any]:
+        # Saved as the standard class, so an exported directory loads with AutoProcessor/vLLM.
+        return {**super().to_dict(), "processor_class": "Qwen2VLProcessor"}
+
 
 def check_checkpoint_path(path: str | Path, setting: str = "model.model_name_or_path") -> None:
     """A path that looks local must be a checkpoint directory: say so, naming the setting,

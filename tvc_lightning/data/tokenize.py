@@ -10,6 +10,7 @@ closing ``<|im_end|>`` are learned; image tokens, the system prompt and the ques
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,16 @@ from tvc_lightning.vision import merged_grids, mrope_positions, pooled_grid
 
 IGNORE_INDEX = -100
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def special_token_pattern(tokenizer: Any) -> re.Pattern[str]:
+    """Matches any added/special token string (``<|im_end|>``, ``<|image_pad|>``...) of ``tokenizer``.
+
+    Sample text is untrusted: such a string inside a question or response would be tokenized as
+    the real control token (an end of turn mid-answer, an image placeholder without an image).
+    """
+    tokens = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in tokens) or r"(?!)")
 
 
 @dataclass
@@ -72,10 +83,13 @@ class SampleEncoder:
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.chat.image_token)
         if not self.tokenizer.is_fast:
             raise ValueError("SampleEncoder needs a fast tokenizer (it reads token offsets)")
+        self._special = special_token_pattern(self.tokenizer)
 
     def __call__(self, record: SampleRecord, images: list[Image.Image], epoch: int = 0) -> dict:
         if not images:
             raise SkipSample("bad_record")
+        if self._special.search(record.question) or self._special.search(record.response):
+            raise SkipSample("bad_record", f"{record.id}: control-token text in question/response")
         vision = self.image_processor(images=images, return_tensors="pt")
         grids = merged_grids(vision["image_grid_thw"], self.merge_size)
         text, targets, segments, n_injections = self._layout(record, grids, epoch)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from tvc_lightning.data.tokenize import ChatFormat
+from tvc_lightning.data.tokenize import ChatFormat, special_token_pattern
 from tvc_lightning.pvc.attention import VisualAttentionProbe
 from tvc_lightning.pvc.config import PVCConfig
 from tvc_lightning.pvc.sampling import next_tokens
@@ -110,6 +110,10 @@ class _Decoder:
         eos = getattr(model.generation_config, "eos_token_id", None) or self.tokenizer.eos_token_id
         self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
         self.pad_id = self.tokenizer.pad_token_id or 0
+        self.special = special_token_pattern(self.tokenizer)
+        # Placeholders are filled by the processor, never a model's output: a sampled one would
+        # claim image features that do not exist, so they are never picked.
+        self.never = [self.image_token_id, int(model.config.video_token_id)]
         self.detector = triggers or TriggerDetector(config, self.tokenizer)
         self.sync = sync
         self.probe = VisualAttentionProbe(model) if measure_attention else None
@@ -127,6 +131,8 @@ class _Decoder:
         grids = merged_grids(grid_thw, visual.spatial_merge_size)
         rows, k = [], 0
         for sample, (question, imgs) in enumerate(zip(questions, images, strict=True)):
+            if self.special.search(question):
+                raise ValueError(f"question {sample} contains a control-token string: {question!r}")
             n = len(imgs)
             row_grids = grids[k:k + n]
             text = self.chat.prompt(question, [h * w for h, w in row_grids])
@@ -328,6 +334,7 @@ class _Decoder:
                     young = torch.tensor([r.num_generated < self.config.min_new_tokens for r in rows],
                                          device=self.device)
                     logits[young.nonzero().unsqueeze(1), eos] = float("-inf")
+                logits[:, self.never] = float("-inf")
                 tokens = next_tokens(logits, seen, self.config, self.generator)
                 for b, (r, t) in enumerate(zip(rows, tokens.tolist(), strict=True)):
                     calibrated |= self._accept(r, t, kinds[b])
