@@ -232,6 +232,29 @@ class TVCModule(L.LightningModule):
         for reason, n in counts.items():
             self.log(f"data/skipped_{reason}", float(n), reduce_fx="sum", sync_dist=True)
 
+    # -- exact resume: global RNG states ---------------------------------------------------------
+    # Lightning checkpoints no RNG state. Training draws none today (Qwen2-VL has no dropout; data
+    # randomness is seeded by (seed, epoch, ...)), but a resumed run should continue the same
+    # random streams if something ever does. The checkpoint holds rank 0's states; with
+    # seed_everything every rank starts from, and symmetric training keeps, the same states.
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from tvc_lightning.data.resume import rng_state
+
+        checkpoint["rng_states"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Applied in on_train_start, just before training goes on: Lightning's setup in between
+        # (a sanity-check validation, say) may still draw from the global RNGs.
+        self._resume_rng = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        from tvc_lightning.data.resume import set_rng_state
+
+        states, self._resume_rng = getattr(self, "_resume_rng", None), None
+        if states is not None:
+            set_rng_state(states)
+
     # -- optimization ----------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -8,10 +8,20 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
 from tvc_lightning.data.collate import Collator
 from tvc_lightning.data.dvr import DVRTransform
+from tvc_lightning.data.resume import (
+    POSITION_KEY,
+    ResumableLoader,
+    ResumableStream,
+    ResumePlan,
+    StreamPosition,
+    TaggedCollate,
+    checkpoint_state,
+    plan_resume,
+)
 from tvc_lightning.data.schema import SampleRecord
 from tvc_lightning.data.shards import (
     ShardDataset,
@@ -31,6 +41,10 @@ class TVCDataModule(L.LightningDataModule):
     Training streams shards (split across ranks and DataLoader workers, shuffled, decoded safely,
     bad records skipped and counted in ``skip_counter``). Validation is a finite split read once
     and divided equally across ranks, so every rank runs the same number of steps.
+
+    Resuming from a checkpoint continues the training stream exactly where it stopped, mid-epoch
+    included: the checkpoint holds each worker's position in the epoch and the skip counts, and the
+    workers fast-forward through their regenerated streams (see :mod:`tvc_lightning.data.resume`).
 
     Args:
         model_name_or_path: Checkpoint whose tokenizer and image processor encode the samples
@@ -96,6 +110,9 @@ class TVCDataModule(L.LightningDataModule):
         self.val_records: list[tuple[SampleRecord, list[Any]]] = []
         self.val_dataset: Dataset | None = None
         self.predict_items: list[dict[str, Any]] | None = None
+        self.resume_plan = ResumePlan(num_workers)
+        self._position = StreamPosition()
+        self._resume_state: dict[str, Any] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.encoder is None:
@@ -169,11 +186,33 @@ class TVCDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None, "setup('fit') first"
         _, world = dist_rank_world()
-        # The first epoch's (or a resumed epoch's) iterator starts before on_train_epoch_start.
-        if self.trainer is not None:
-            self.train_dataset.set_epoch(self.trainer.current_epoch)
         length = max(1, (self.train_samples or 0) // world)
-        return self._loader(_Sized(self.train_dataset, length), self.num_workers)
+        return ResumableLoader(
+            ResumableStream(self.train_dataset, length, self.resume_plan),
+            on_start=self._start_train_epoch, collate_fn=TaggedCollate(self.collator),
+            **self._loader_args(self.num_workers),
+        )
+
+    def _start_train_epoch(self) -> None:
+        """Set the epoch (and on resume, the fast-forward) just before the workers start reading.
+
+        The trainer's epoch is the one to read: Lightning calls no ``on_train_epoch_start`` for an
+        epoch it resumes, and sets its epoch only after it created the first iterator.
+        """
+        assert self.train_dataset is not None
+        epoch = self.trainer.current_epoch if self.trainer is not None else self.train_dataset.epoch
+        self.resume_plan.disarm()
+        if self._resume_state is not None:
+            rank, world = dist_rank_world()
+            resume = plan_resume(self._resume_state, rank, world, self.num_workers,
+                                 self.batch_size, epoch)
+            self._resume_state = None
+            self.skip_counter.restore(resume.skipped)
+            if resume.skips:
+                self.resume_plan.arm(epoch, resume.shift, resume.skips)
+            rank_zero_info(f"resuming the training stream in epoch {epoch}: rank 0 skips "
+                           f"{sum(resume.skips)} samples already trained on")
+        self.train_dataset.set_epoch(epoch)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
@@ -185,29 +224,40 @@ class TVCDataModule(L.LightningDataModule):
         return DataLoader(_ListDataset(self.predict_items), batch_size=self.batch_size,
                           collate_fn=list)
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called as the training loop takes each batch (not when the DataLoader prefetches it):
+        # the consumed batches are the stream position a checkpoint must record.
+        if isinstance(batch, dict) and POSITION_KEY in batch:
+            epoch, worker = batch.pop(POSITION_KEY).tolist()
+            self._position.record(epoch, worker, self.resume_plan.workers)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stream position and skip counts of every rank (collective: all ranks call it)."""
+        return checkpoint_state(self.trainer, self._position, self.skip_counter.as_dict(),
+                                self.batch_size, self.num_workers)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the checkpoint's stream state until the first training batch is requested
+        (Lightning may call this before or after :meth:`train_dataloader`, by strategy)."""
+        self._resume_state = state_dict
+
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         if isinstance(batch, list):
             return batch  # predict's raw samples (records, PIL images): the decoder moves tensors
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _loader(self, dataset: Dataset, workers: int) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.batch_size, collate_fn=self.collator, num_workers=workers,
-            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+        return DataLoader(dataset, collate_fn=self.collator, **self._loader_args(workers))
+
+    def _loader_args(self, workers: int) -> dict[str, Any]:
+        return dict(
+            batch_size=self.batch_size, num_workers=workers, persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            # Without a generator, creating an iterator draws from the global torch RNG: a resumed
+            # run would create its first one at another point of the RNG stream than the original.
+            generator=torch.Generator().manual_seed(self.seed),
         )
-
-
-class _Sized(IterableDataset):
-    """An iterable dataset with a nominal length: the epoch length Lightning plans with."""
-
-    def __init__(self, dataset: ShardDataset, length: int) -> None:
-        self.dataset, self.length = dataset, length
-
-    def __iter__(self):
-        return iter(self.dataset)
-
-    def __len__(self) -> int:
-        return self.length
 
 
 class _ListDataset(Dataset):

@@ -56,6 +56,10 @@ class SkipCounter:
     it when the DataLoader pickles the dataset to start them. (Like any ``multiprocessing``
     synchronized object it can only be pickled while a process is being started, so a plain
     ``pickle.dumps`` or ``copy.deepcopy`` of it raises ``RuntimeError``.)
+
+    ``paused`` is a plain attribute, so it is local to each process: a DataLoader worker sets it
+    while it fast-forwards over input that was already counted before a checkpoint
+    (:mod:`tvc_lightning.data.resume`), without muting the other workers.
     """
 
     def __init__(self, reasons: Sequence[str] = SKIP_REASONS) -> None:
@@ -64,12 +68,15 @@ class SkipCounter:
         self.reasons: tuple[str, ...] = tuple(reasons)
         self._index = {r: i for i, r in enumerate(self.reasons)}
         self._counts = _SHARED.Array("q", len(self.reasons), lock=True)
+        self.paused = False
 
     def add(self, reason: str, n: int = 1) -> None:
         """Count ``n`` skipped items under ``reason``; an unknown reason is a ``ValueError``."""
         i = self._index.get(reason)
         if i is None:
             raise ValueError(f"unknown skip reason {reason!r}; known: {', '.join(self.reasons)}")
+        if self.paused:
+            return
         with self._counts.get_lock():
             self._counts[i] += n
 
@@ -81,6 +88,13 @@ class SkipCounter:
     def total(self) -> int:
         """All skipped items, every reason together."""
         return sum(self.as_dict().values())
+
+    def restore(self, counts: dict[str, int]) -> None:
+        """Set the counters to ``counts`` (from a checkpoint); reasons this counter lacks are ignored."""
+        with self._counts.get_lock():
+            for reason, n in counts.items():
+                if reason in self._index:
+                    self._counts[self._index[reason]] = int(n)
 
     def __repr__(self) -> str:
         return f"SkipCounter({self.as_dict()})"
@@ -338,11 +352,18 @@ class ShardDataset(IterableDataset):
         state["_rank_world"] = dist_rank_world()
         return state
 
-    def _reader(self) -> tuple[int, int]:
-        """(global reader id, number of readers) over ranks x DataLoader workers."""
+    def _reader(self, worker: int | None = None) -> tuple[int, int]:
+        """(global reader id, number of readers) over ranks x DataLoader workers.
+
+        ``worker`` overrides this DataLoader worker's id: a resumed epoch lets worker ``i`` read
+        the stream of another worker (see :mod:`tvc_lightning.data.resume`).
+        """
         rank, world = self._rank_world or dist_rank_world()
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        own, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = own if worker is None else worker
+        if not 0 <= worker < workers:
+            raise ValueError(f"worker {worker} out of range for {workers} DataLoader worker(s)")
         return rank * workers + worker, world * workers
 
     def _raw_samples(self, epoch: int, reader: int, readers: int) -> Iterator[dict]:
@@ -383,8 +404,13 @@ class ShardDataset(IterableDataset):
                 raise RuntimeError(f"{empty_in_a_row} shards in a row had no samples: {self.urls}")
 
     def __iter__(self) -> Iterator[Any]:
-        epoch = self._epoch.value
-        reader, readers = self._reader()
+        return self.iterate()
+
+    def iterate(self, epoch: int | None = None, worker: int | None = None) -> Iterator[Any]:
+        """This reader's samples of ``epoch`` (default: :attr:`epoch`), read as DataLoader
+        worker ``worker`` (default: this one); the stream is a pure function of both."""
+        epoch = self._epoch.value if epoch is None else epoch
+        reader, readers = self._reader(worker)
         raw = self._raw_samples(epoch, reader, readers)
         if self.shuffle_buffer > 0:
             rng = random.Random(f"{self.seed}:{epoch}:{reader}")
