@@ -35,6 +35,9 @@ def main(args: list[str] | None = None) -> TVCLightningCLI | None:
     # The shard stream splits its work across DataLoader workers itself, so its nominal __len__ is
     # accurate; Lightning cannot know that and warns on every run.
     warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
+    # The data module saves and restores its stream position itself (data/resume.py), which
+    # Lightning's check for a stateful DataLoader does not see.
+    warnings.filterwarnings("ignore", message=r".*dataloader is not resumable.*")
     try:
         return TVCLightningCLI(
             TVCModule,

@@ -149,10 +149,11 @@ class TVCModule(L.LightningModule):
         hidden = self.hidden_states(batch)
         labels = batch["labels"][:, 1:]
         chunk = self.hparams.loss_chunk_size
-        chunks = max(1, -(-int((labels != IGNORE_INDEX).sum()) // chunk))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Under ZeRO-3 every lm_head call gathers its weight collectively: all ranks must make
-            # as many calls as the rank with the most labelled tokens.
+        chunks = 1
+        if hasattr(self.model.lm_head.weight, "ds_id"):  # a ZeRO-3 partitioned parameter
+            # Every lm_head call then gathers its weight collectively: all ranks must make as many
+            # calls as the rank with the most labelled tokens. (Other strategies need no sync.)
+            chunks = max(1, -(-int((labels != IGNORE_INDEX).sum()) // chunk))
             count = torch.tensor([chunks], device=hidden.device)
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
             chunks = int(count.item())
