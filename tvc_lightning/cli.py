@@ -38,6 +38,8 @@ def main(args: list[str] | None = None) -> TVCLightningCLI | None:
     # The data module saves and restores its stream position itself (data/resume.py), which
     # Lightning's check for a stateful DataLoader does not see.
     warnings.filterwarnings("ignore", message=r".*dataloader is not resumable.*")
+    # Without data.val_shards the validation loader is deliberately empty.
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero.*")
     try:
         return TVCLightningCLI(
             TVCModule,
