@@ -342,8 +342,11 @@ class _Decoder:
                 if calibrated:
                     for b, r in enumerate(rows):
                         if len(r.pending) > 1:
-                            ids = torch.tensor(r.pending, device=self.device).clamp(max=vocab - 1)
-                            seen[b, ids] = True
+                            # A calibrated row's sequence is its clean sequence plus the chunk: a
+                            # rolled-back phrase is no longer in it and is not penalized.
+                            ids = torch.tensor(r.seq_ids + r.pending, device=self.device)
+                            seen[b] = False
+                            seen[b, ids.clamp(max=vocab - 1)] = True
                 keep = [b for b, r in enumerate(rows) if r.finish is None]
                 done += [r for r in rows if r.finish is not None]
                 if len(keep) < len(rows):
