@@ -145,7 +145,12 @@ class TVCModule(L.LightningModule):
         return self.model.lm_head(self.hidden_states(batch))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean next-token cross-entropy over labelled positions, and the number of them."""
+        """Mean next-token cross-entropy over the micro-batch's labelled positions, and their number.
+
+        The mean is per micro-batch (as HF/LLaMA-Factory SFT does by default): with gradient
+        accumulation and data parallelism each micro-batch weighs the same, however many answer
+        tokens it holds.
+        """
         hidden = self.hidden_states(batch)
         labels = batch["labels"][:, 1:]
         chunk = self.hparams.loss_chunk_size
