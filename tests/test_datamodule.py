@@ -76,3 +76,21 @@ def test_bad_records_are_skipped_counted_and_training_continues(tmp_path, tiny_c
     # 6 good samples in the intact shard + those before the cut in the truncated one.
     assert trainer.global_step >= 3
     assert count_samples(str(shards)) >= 10  # headers of the intact shard at least
+
+
+def test_the_stream_follows_the_trainers_epoch(tmp_path, tiny_checkpoint):
+    shards = tmp_path / "train"
+    _write_shards(shards)
+    dm = TVCDataModule(str(tiny_checkpoint), str(shards), batch_size=2, num_workers=1,
+                       shuffle_buffer=0, max_length=512)
+    seen_epochs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen_epochs.append(dm.train_dataset.epoch)
+
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[Record()])
+    trainer.fit(TVCModule(str(tiny_checkpoint), lr=1e-3), datamodule=dm)
+    assert seen_epochs[0] == 0 and seen_epochs[-1] == 1  # DVR and shuffling are reseeded per epoch

@@ -169,12 +169,6 @@ class TVCModule(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------
 
-    def on_train_epoch_start(self) -> None:
-        # Lightning sets epochs on samplers only; the shard stream and DVR read it from here.
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(datamodule, "set_epoch"):
-            datamodule.set_epoch(self.current_epoch)
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
 

@@ -179,7 +179,8 @@ class TVCDataModule(L.LightningDataModule):
         )
 
     def set_epoch(self, epoch: int) -> None:
-        """Reseed shard order, shuffle and DVR for ``epoch`` (called by TVCModule each epoch)."""
+        """Reseed shard order, shuffle and DVR for ``epoch``, for use without a Trainer (under one,
+        the train loader reads the trainer's epoch as each epoch starts)."""
         if self.train_dataset is not None:
             self.train_dataset.set_epoch(epoch)
 
