@@ -24,3 +24,39 @@ def tiny_checkpoint(tmp_path_factory):
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def rank_batch(processor, rank: int) -> dict:
+    """A one-sample DVR training batch whose answer length depends on ``rank`` (so ranks hold
+    different numbers of labelled tokens, as in real data-parallel training)."""
+    from tvc_lightning.data.collate import Collator
+    from tvc_lightning.data.dvr import DVRTransform
+    from tvc_lightning.data.schema import SampleRecord
+    from tvc_lightning.data.tokenize import SampleEncoder
+
+    encoder = SampleEncoder(processor, dvr=DVRTransform(p=1.0, pool_kernel=2))
+    response = "Two squares. Wait, let me count again. Two. " * (1 + 3 * rank)
+    record = SampleRecord(id=f"r{rank}", question="How many squares?", response=response, answer="2")
+    sample = encoder(record, [random_image(112, 84, seed=rank)], 0)
+    return Collator(processor.tokenizer.pad_token_id)([sample])
+
+
+def rank_decode(model, processor, rank: int, sync=None):
+    """PVC-decode rank ``rank``'s question: rank 0 generates 10 tokens, the others 3 (so in a
+    distributed run the others idle in step while rank 0 decodes). Returns the one result."""
+    from tvc_lightning.pvc import PVCConfig, pvc_generate
+
+    config = PVCConfig(max_new_tokens=10 if rank == 0 else 3, min_new_tokens=3, every_n_tokens=4,
+                       min_gap=2, max_calibrations=2)
+    (result,) = pvc_generate(model, processor, [f"Question {rank}?"],
+                             [[random_image(100, 100, seed=10 + rank)]], config, sync=sync)
+    return result
+
+
+def assert_ranks_decoded_as_one_process(ranks: list[dict], model, processor) -> None:
+    """Each rank's decoded tokens (``tokens``, ``num_generated`` in its report) equal a
+    single-process run of the same question."""
+    for r, seen in enumerate(ranks):
+        single = rank_decode(model, processor, r)
+        assert seen["num_generated"] == (10 if r == 0 else 3)
+        assert seen["tokens"] == single.token_ids

@@ -19,15 +19,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
-from tests.conftest import random_image  # noqa: E402
+from tests.conftest import rank_batch, rank_decode  # noqa: E402
 from tvc_lightning.callbacks import all_ranks_any  # noqa: E402
-from tvc_lightning.data.collate import Collator  # noqa: E402
-from tvc_lightning.data.dvr import DVRTransform  # noqa: E402
-from tvc_lightning.data.schema import SampleRecord  # noqa: E402
-from tvc_lightning.data.tokenize import SampleEncoder  # noqa: E402
 from tvc_lightning.hf import load_model, load_processor  # noqa: E402
 from tvc_lightning.module import TVCModule  # noqa: E402
-from tvc_lightning.pvc import PVCConfig, pvc_generate  # noqa: E402
 
 ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
          "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -51,18 +46,11 @@ def main() -> None:
     processor = load_processor(checkpoint)
     # Decode first, on the weights as loaded (a single-process run must give the same tokens).
     engine.eval()
-    config = PVCConfig(max_new_tokens=10 if rank == 0 else 3, min_new_tokens=3, every_n_tokens=4,
-                       min_gap=2, max_calibrations=2)
-    (result,) = pvc_generate(engine.module, processor, [f"Question {rank}?"],
-                             [[random_image(100, 100, seed=10 + rank)]], config, sync=all_ranks_any)
+    result = rank_decode(engine.module, processor, rank, sync=all_ranks_any)
     engine.train()
     module = TVCModule(checkpoint, loss_chunk_size=8)
     module.model = engine.module
-    encoder = SampleEncoder(processor, dvr=DVRTransform(p=1.0, pool_kernel=2))
-    response = "Two squares. Wait, let me count again. Two. " * (1 + 3 * rank)  # ranks differ
-    batch = Collator(processor.tokenizer.pad_token_id)([encoder(
-        SampleRecord(id=f"r{rank}", question="How many squares?", response=response, answer="2"),
-        [random_image(112, 84, seed=rank)], 0)])
+    batch = rank_batch(processor, rank)  # ranks hold different numbers of labelled tokens
     losses = []
     for _ in range(4):
         loss, _ = module.loss(batch)

@@ -8,6 +8,7 @@ dotted overrides (``--model.lr 1e-5``) work as in any LightningCLI.
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 
@@ -25,6 +26,27 @@ class TVCLightningCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
 
 
+class _StderrOnly(logging.Filter):
+    """Sends a logger's records to stderr instead of its own (stdout) handlers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handler = logging.StreamHandler(sys.stderr)
+        self.handler.setFormatter(logging.Formatter("[%(levelname)s] [%(name)s] %(message)s"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.handler.handle(record)
+        return False
+
+
+def _deepspeed_logs_to_stderr() -> None:
+    # DeepSpeed logs to stdout, and it is imported (printing its accelerator notice) while the
+    # parser reads Lightning's DeepSpeed strategy: `--print_config > run.yaml` would not be YAML.
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _StderrOnly) for f in logger.filters):
+        logger.addFilter(_StderrOnly())
+
+
 def main(args: list[str] | None = None) -> TVCLightningCLI | None:
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["export"]:
@@ -32,6 +54,7 @@ def main(args: list[str] | None = None) -> TVCLightningCLI | None:
 
         export_main(argv[1:])
         return None
+    _deepspeed_logs_to_stderr()
     # The shard stream splits its work across DataLoader workers itself, so its nominal __len__ is
     # accurate; Lightning cannot know that and warns on every run.
     warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")

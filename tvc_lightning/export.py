@@ -4,8 +4,9 @@ The directory holds safetensors weights, ``config.json``, ``generation_config.js
 processor (tokenizer, chat template, image processor) of the checkpoint the run started from, so
 ``Qwen2VLForConditionalGeneration.from_pretrained(DIR)`` and vLLM load it directly.
 
-``CKPT`` is a Lightning ``.ckpt`` file, or a DeepSpeed checkpoint directory (ZeRO shards), which
-is first consolidated into one fp32 state dict (needs ``deepspeed``).
+``CKPT`` is a Lightning ``.ckpt`` file, a sharded FSDP2 checkpoint directory (torch.distributed.
+checkpoint, from ``ModelParallelStrategy``), or a DeepSpeed checkpoint directory (ZeRO shards),
+which is first consolidated into one fp32 state dict (needs ``deepspeed``).
 """
 
 from __future__ import annotations
@@ -22,13 +23,29 @@ from tvc_lightning.hf import load_processor, resolve_dtype
 _PREFIX = "model."  # TVCModule keeps the HF model as its ``model`` attribute
 
 
+def _distributed_checkpoint(path: Path) -> dict[str, Any]:
+    """The model weights and hyperparameters of a sharded (torch.distributed.checkpoint) directory,
+    as written by ``ModelParallelStrategy`` (FSDP2); optimizer state is not read."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(path))
+    prefix = "state_dict."
+    template = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if key.startswith(prefix + _PREFIX) and hasattr(meta, "size")
+    }
+    if not template:
+        raise ValueError(f"{path}: no '{prefix}{_PREFIX}*' tensors in this distributed checkpoint")
+    dcp.load(template, storage_reader=reader, no_dist=True)  # fills the tensors in place
+    meta = path / "meta.pt"
+    extra = torch.load(meta, map_location="cpu", weights_only=False) if meta.exists() else {}
+    return {**extra, "state_dict": {k[len(prefix):]: v for k, v in template.items()}}
+
+
 def _lightning_checkpoint(path: Path) -> dict[str, Any]:
     if path.is_dir() and (path / ".metadata").exists():
-        raise ValueError(
-            f"{path} is a sharded FSDP (torch.distributed.checkpoint) directory: export reads "
-            "Lightning .ckpt files and DeepSpeed checkpoints; train with "
-            "trainer.strategy.init_args.state_dict_type=full to get a single .ckpt"
-        )
+        return _distributed_checkpoint(path)
     if path.is_dir():
         try:
             from lightning.pytorch.utilities.deepspeed import (
@@ -77,7 +94,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tvc_lightning export", description=__doc__)
-    parser.add_argument("checkpoint", help="Lightning .ckpt file or DeepSpeed checkpoint directory")
+    parser.add_argument("checkpoint", help="Lightning .ckpt file, FSDP2 or DeepSpeed checkpoint directory")
     parser.add_argument("--out", required=True, help="output HF model directory")
     parser.add_argument("--base-model", default=None,
                         help="checkpoint dir the run started from (default: from the checkpoint)")

@@ -9,9 +9,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from tvc_lightning.data.tokenize import IGNORE_INDEX
-from tvc_lightning.hf import load_model
+from tvc_lightning.hf import load_model, resolve_dtype
 from tvc_lightning.loss import chunked_cross_entropy
 from tvc_lightning.pvc import PVCConfig, pvc_generate
 from tvc_lightning.vision import encode_images, merged_grids, segment_features
@@ -74,6 +75,11 @@ class TVCModule(L.LightningModule):
             return
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
         strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ModelParallelStrategy):
+            from tvc_lightning.fsdp import data_parallel_mesh
+
+            self.load_fsdp(data_parallel_mesh(self.device_mesh), precision, strategy.root_device)
+            return
         # Under DeepSpeed ZeRO-3 the checkpoint is loaded straight into partitioned parameters.
         deepspeed_config = getattr(strategy, "config", None) if type(strategy).__name__ == (
             "DeepSpeedStrategy") else None
@@ -83,6 +89,21 @@ class TVCModule(L.LightningModule):
             attn_implementation=self.hparams.attn_implementation,
             deepspeed_config=deepspeed_config,
         )
+        self._prepare_model()
+
+    def load_fsdp(self, mesh: Any, precision: str, device: torch.device) -> None:
+        """FSDP2: build the model on meta, shard it per layer over ``mesh``, fill it from rank 0's
+        read of the checkpoint (collective: every rank calls this)."""
+        from tvc_lightning import fsdp
+
+        dtype = resolve_dtype(_LOAD_DTYPE.get(precision, "float32"))
+        self.model = fsdp.build_on_meta(self.hparams.model_name_or_path, dtype,
+                                        self.hparams.attn_implementation)
+        self._prepare_model()  # freezing and checkpointing flags before sharding
+        fsdp.shard(self.model, mesh, fsdp.mixed_precision_policy(precision))
+        fsdp.load_sharded(self.model, self.hparams.model_name_or_path, device)
+
+    def _prepare_model(self) -> None:
         self.model.config.use_cache = False
         self.model.train()  # from_pretrained returns eval mode; Lightning switches it for validation
         self._apply_freeze()
@@ -155,7 +176,7 @@ class TVCModule(L.LightningModule):
         labels = batch["labels"][:, 1:]
         chunk = self.hparams.loss_chunk_size
         chunks = 1
-        if hasattr(self.model.lm_head.weight, "ds_id"):  # a ZeRO-3 partitioned parameter
+        if _is_sharded(self.model.lm_head.weight):
             # Every lm_head call then gathers its weight collectively: all ranks must make as many
             # calls as the rank with the most labelled tokens. (Other strategies need no sync.)
             chunks = max(1, -(-int((labels != IGNORE_INDEX).sum()) // chunk))
@@ -276,6 +297,13 @@ class TVCModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _is_sharded(param: torch.Tensor) -> bool:
+    """A ZeRO-3 partitioned parameter or an FSDP2 shard: using it is a collective call."""
+    from torch.distributed.tensor import DTensor
+
+    return hasattr(param, "ds_id") or isinstance(param, DTensor)
 
 
 def cosine_with_warmup(total_steps: int, warmup_ratio: float, min_ratio: float = 0.0):

@@ -128,6 +128,7 @@ def tiny_qwen2vl_config(
     vision_depth: int = 2,
     vision_dim: int = 32,
     vision_heads: int = 2,
+    tie_word_embeddings: bool = False,
 ) -> Any:
     """A small Qwen2-VL config (2 layers by default) whose special-token ids match ``tokenizer``.
 
@@ -173,7 +174,7 @@ def tiny_qwen2vl_config(
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     return config
 
@@ -199,20 +200,21 @@ def tiny_qwen2vl(seed: int = 0, attn_implementation: str = "sdpa", **sizes: Any)
     return model, processor
 
 
-def save_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
+def save_tiny_qwen2vl(out_dir: str | Path, seed: int = 0, **sizes: Any) -> Path:
     """Write a tiny random Qwen2-VL checkpoint (weights, config, processor, tokenizer) to ``out_dir``.
 
-    Idempotent: an existing complete checkpoint is left as it is.
+    ``sizes`` go to :func:`tiny_qwen2vl_config` (e.g. ``tie_word_embeddings=True``, as
+    Qwen2-VL-2B). Idempotent: an existing complete checkpoint is left as it is.
     """
     out = Path(out_dir)
     marker = out / "tiny_qwen2vl.json"
     if marker.exists():
         return out
-    model, processor = tiny_qwen2vl(seed=seed)
+    model, processor = tiny_qwen2vl(seed=seed, **sizes)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    marker.write_text(json.dumps({"seed": seed}))
+    marker.write_text(json.dumps({"seed": seed, **sizes}))
     return out
 
 

@@ -1,0 +1,135 @@
+"""FSDP2 on CPU (gloo, 2 processes): the path of recipes/72b_fsdp.yaml at tiny size.
+
+Shows: each rank holds only its shards after loading, and the gathered weights equal the
+checkpoint; sharded training equals single-process training on the ranks' averaged losses
+(ranks holding different numbers of labelled tokens); PVC decoding with ranks generating different
+lengths stays in step and gives the tokens of a single-process run; tied embeddings load right;
+Lightning's ModelParallelStrategy runs fit + validation with the PVC callback through the CLI, and
+its sharded checkpoint exports to an HF directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_engine.synth import write_split
+from tests.conftest import assert_ranks_decoded_as_one_process, rank_batch
+from tests.fsdp_worker import LR, STEPS
+from tests.wandb_history import history
+from tvc_lightning.hf import load_model
+from tvc_lightning.module import TVCModule
+from tvc_lightning.testing import save_tiny_qwen2vl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _single_process_training(checkpoint: Path, processor) -> tuple[list[list[float]], dict]:
+    """What FSDP2 must reproduce: one model, the mean of both ranks' losses per step."""
+    module = TVCModule(str(checkpoint), loss_chunk_size=8)
+    module.model = load_model(checkpoint)
+    module._prepare_model()
+    batches = [rank_batch(processor, r) for r in range(2)]
+    optimizer = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=LR)
+    losses: list[list[float]] = [[], []]
+    for _ in range(STEPS):
+        per_rank = [module.loss(b)[0] for b in batches]
+        (sum(per_rank) / 2).backward()  # FSDP averages gradients over ranks
+        optimizer.step()
+        optimizer.zero_grad()
+        for r, loss in enumerate(per_rank):
+            losses[r].append(float(loss.detach()))
+    return losses, module.model.state_dict()
+
+
+def test_fsdp2_sharded_load_training_and_synced_pvc(tmp_path, tiny_checkpoint, tiny):
+    tied_checkpoint = save_tiny_qwen2vl(tmp_path / "tied", seed=1, tie_word_embeddings=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29519", str(ROOT / "tests" / "fsdp_worker.py"),
+         str(tiny_checkpoint), str(tied_checkpoint), str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    model, processor = tiny
+
+    # Loading: shards only, and together they are the checkpoint.
+    full = sum(p.numel() for p in model.parameters())
+    assert all(seen["local_params"] <= full // 2 + 64 for seen in ranks)
+    expected = model.state_dict()
+    assert state["loaded"].keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state["loaded"][name], tensor, rtol=0, atol=0, msg=name)
+
+    # Decoding: rank 0 decoded 10 tokens while rank 1 stopped at 3 and idled in step.
+    assert_ranks_decoded_as_one_process(ranks, model, processor)
+
+    # Training: the same losses and weights as one process on the averaged loss.
+    losses, weights = _single_process_training(tiny_checkpoint, processor)
+    for r, seen in enumerate(ranks):
+        assert seen["losses"] == pytest.approx(losses[r], rel=1e-4, abs=1e-5)
+        assert seen["losses"][-1] < seen["losses"][0]
+    moved = 0
+    for name, tensor in weights.items():
+        torch.testing.assert_close(state["trained"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        moved += not torch.equal(tensor, expected[name])
+    assert moved > 0
+
+    # Tied embeddings: lm_head and the embedding stay one parameter; logits as unsharded.
+    assert all(seen["tied_shares"] for seen in ranks)
+    tied = load_model(tied_checkpoint).eval()
+    module = TVCModule(str(tied_checkpoint))
+    module.model = tied
+    with torch.no_grad():
+        torch.testing.assert_close(state["tied_logits"], module(rank_batch(processor, 0)))
+
+
+def test_model_parallel_strategy_fit_validate_and_export(tmp_path, tiny_checkpoint):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import Qwen2VLForConditionalGeneration
+
+    root = tmp_path / "outputs" / "tiny"
+    shutil.copytree(tiny_checkpoint, root / "model")
+    write_split(root / "data", "train", 16, seed=0, per_shard=8, image_size=160)
+    write_split(root / "data", "val", 4, seed=0, per_shard=4, image_size=160)
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tvc_lightning", "fit", "--config", str(ROOT / "recipes" / "tiny.yaml"),
+         "--trainer.devices", "2", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+         "--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
+         "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1",
+         "--data.num_workers", "1", "--model.generation.max_new_tokens", "16"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (root / "wandb").glob("offline-run-*")
+    keys = {k for row in history(run_dir) for k in row}
+    for key in ("train/loss", "val/loss", "val/pvc_accuracy", "val/plain_accuracy"):
+        assert key in keys, key
+
+    # The sharded checkpoint exports to HF format with exactly its weights.
+    ckpt = root / "checkpoints" / "last.ckpt"
+    assert (ckpt / ".metadata").exists()  # a torch.distributed.checkpoint directory
+    out = tmp_path / "exported"
+    subprocess.run([sys.executable, "-m", "tvc_lightning", "export", str(ckpt), "--out", str(out),
+                    "--dtype", "float32"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    exported = Qwen2VLForConditionalGeneration.from_pretrained(out).state_dict()
+    dcp_to_torch_save(ckpt, tmp_path / "reference.pt")  # torch's own reader, everything in it
+    saved = torch.load(tmp_path / "reference.pt", weights_only=False)["state_dict"]
+    base = load_model(tiny_checkpoint).state_dict()
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, saved[f"model.{name}"], rtol=0, atol=0, msg=name)
+        if name.startswith("model.visual."):  # frozen
+            torch.testing.assert_close(tensor, base[name], rtol=0, atol=0, msg=name)
+    assert not torch.equal(exported["lm_head.weight"], base["lm_head.weight"])  # trained
