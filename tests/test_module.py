@@ -141,3 +141,28 @@ def test_freeze_prefix_must_match(tiny_checkpoint):
     module = TVCModule(str(tiny_checkpoint), freeze=["vision_tower"])
     with pytest.raises(ValueError, match="model.freeze"):
         module.configure_model()
+
+
+def test_gradient_checkpointing_recomputes_with_equal_loss_and_gradients(tiny_checkpoint):
+    from tvc_lightning.hf import load_processor
+
+    processor = load_processor(tiny_checkpoint)
+    batch = _batch(processor, dvr=DVRTransform(p=1.0, pool_kernel=2))
+    results = []
+    for checkpointing in (False, True):
+        module = TVCModule(str(tiny_checkpoint), gradient_checkpointing=checkpointing)
+        module.configure_model()
+        layers = module.model.model.language_model.layers
+        calls = []
+        # Inside the checkpointed forward (HF keeps module hooks of the layer itself outside it).
+        hook = layers[0].input_layernorm.register_forward_pre_hook(lambda *_, c=calls: c.append(1))
+        loss, _ = module.loss(batch)
+        loss.backward()
+        hook.remove()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward
+        grads = {n: p.grad for n, p in module.model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, msg=name)

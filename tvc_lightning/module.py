@@ -108,9 +108,12 @@ class TVCModule(L.LightningModule):
         self.model.train()  # from_pretrained returns eval mode; Lightning switches it for validation
         self._apply_freeze()
         if self.hparams.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            kwargs = {"use_reentrant": False}
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            if enable is not None:  # transformers >= 5.2x; the older name is deprecated there
+                enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def _apply_freeze(self) -> None:
         names = [n for n, _ in self.model.named_parameters()]
