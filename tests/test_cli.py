@@ -151,3 +151,22 @@ def test_distilled_shards_train_with_the_tiny_recipe(tiny_workdir, tmp_path):
     (run_dir,) = (tiny_workdir / "wandb").glob("offline-run-*")
     losses = [r["train/loss"] for r in history(run_dir) if "train/loss" in r]
     assert losses and all(loss == loss for loss in losses)
+
+
+def test_generation_callback_runs_after_every_nth_epoch_and_always_in_validate():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from tvc_lightning.callbacks import PVCGenerationCallback
+
+    def trainer(fn, epoch, sanity=False):
+        return SimpleNamespace(sanity_checking=sanity, state=SimpleNamespace(fn=fn), current_epoch=epoch)
+
+    every5 = PVCGenerationCallback(every_n_epochs=5)
+    fitting = [e for e in range(10) if every5.due(trainer(TrainerFn.FITTING, e))]
+    assert fitting == [4, 9]  # with max_epochs 5: the last epoch only
+    assert every5.due(trainer(TrainerFn.VALIDATING, 0))
+    assert not every5.due(trainer(TrainerFn.FITTING, 4, sanity=True))
+    every1 = PVCGenerationCallback()
+    assert all(every1.due(trainer(TrainerFn.FITTING, e)) for e in range(3))

@@ -117,3 +117,15 @@ def test_deepspeed_recipe_builds_its_strategy(size):
     spec = recipe["trainer"]["strategy"]
     strategy = _import(spec["class_path"])(config=str(RECIPES.parent / spec["init_args"]["config"]))
     assert strategy.config["zero_optimization"]["stage"] == (3 if size == "72b" else 2)
+
+
+@pytest.mark.parametrize("name", ["7b.yaml", "72b.yaml", "72b_fsdp.yaml"])
+def test_big_recipes_decode_validation_samples_as_one_batch_per_rank(name):
+    # Sharded decoding pays a full weight gather per step, whatever the batch (docs/scaling.md).
+    recipe = yaml.safe_load((RECIPES / name).read_text())
+    (callback,) = [c["init_args"] for c in recipe["trainer"]["callbacks"]
+                   if c["class_path"].endswith("PVCGenerationCallback")]
+    assert callback["batch_size"] >= callback["max_samples"]
+    if name.startswith("72b"):  # one PVC pass, after the last epoch
+        assert callback["compare_plain"] is False
+        assert callback["every_n_epochs"] == recipe["trainer"]["max_epochs"]

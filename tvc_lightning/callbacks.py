@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 
 from tvc_lightning.pvc import PVCConfig, PVCResult, pvc_generate
 from tvc_lightning.pvc.attention import forgetting_curve
@@ -61,7 +62,8 @@ class PVCGenerationCallback(L.Callback):
         max_samples: Decode at most this many validation samples per rank (None: all).
         batch_size: Samples decoded together.
         table_rows: Rows of the W&B samples table (rank 0's samples).
-        every_n_epochs: Run on every n-th validation epoch.
+        every_n_epochs: While fitting, decode after every n-th epoch (5 with 5 epochs: the last
+            only); a standalone ``validate`` always decodes.
         measure_attention: Measure the visual-attention shares while decoding (hooks; small cost).
         curve_bins: Response-position bins of the visual-forgetting curve.
     """
@@ -77,8 +79,17 @@ class PVCGenerationCallback(L.Callback):
         self.table_rows = table_rows
         self.every_n_epochs = every_n_epochs
 
+    def due(self, trainer: L.Trainer) -> bool:
+        """Decode now? Not in the sanity check; while fitting, after every n-th epoch (epochs
+        n-1, 2n-1, ... counted from 0); in a standalone ``validate``, always."""
+        if trainer.sanity_checking:
+            return False
+        if trainer.state.fn != TrainerFn.FITTING:
+            return True
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch % self.every_n_epochs):
+        if not self.due(trainer):
             return
         datamodule = trainer.datamodule
         records = list(getattr(datamodule, "val_records", []))
