@@ -166,3 +166,15 @@ def test_gradient_checkpointing_recomputes_with_equal_loss_and_gradients(tiny_ch
     torch.testing.assert_close(loss_ckpt, loss)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, msg=name)
+
+
+def test_fsdp1_strategy_is_refused_naming_the_setting_and_its_replacement(tiny_checkpoint):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = TVCModule(str(tiny_checkpoint))
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision="bf16-mixed")
+    with pytest.raises(ValueError, match="trainer.strategy.*ModelParallelStrategy"):
+        module.configure_model()
+    assert module.model is None

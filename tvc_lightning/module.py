@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from tvc_lightning.data.tokenize import IGNORE_INDEX
 from tvc_lightning.hf import load_model, resolve_dtype
@@ -75,6 +75,15 @@ class TVCModule(L.LightningModule):
             return
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
         strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy):
+            # FSDP1 would load a full copy per rank, and decoding calls the embedding and lm_head
+            # outside the root's forward, where FSDP1 leaves them sharded.
+            raise ValueError(
+                "trainer.strategy: FSDPStrategy (FSDP1) is not supported; use "
+                "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2) with "
+                "data_parallel_size = devices x num_nodes and tensor_parallel_size 1, as "
+                "recipes/72b_fsdp.yaml does"
+            )
         if isinstance(strategy, ModelParallelStrategy):
             from tvc_lightning.fsdp import data_parallel_mesh
 
