@@ -31,6 +31,8 @@ lint: venv
 
 bench: venv
 	$(PY) benchmarks/chunked_loss.py
+	$(PY) benchmarks/pvc_decode.py
+	$(PY) benchmarks/data_pipeline.py
 
 clean-demo:
 	rm -rf outputs/tiny
