@@ -17,7 +17,9 @@ Output in OUT: kept records as shards ``PREFIX-pIIIofNNN-rRRR-XXXXXX.tar`` (reco
 key = the input record's id, made key-safe); ``manifest.jsonl`` (one line per finished question:
 kept or the rejection reason, round, tokens, the shard), which makes restarts exactly-once (see
 :mod:`data_engine.manifest`): rerun the same command after a crash or ``kill -9`` and done
-questions are skipped, those of an unfinished shard redone; ``report.json`` (also printed): kept,
+questions are skipped, those of an unfinished shard redone; ``manifest.settings.json``, the flags
+that shape the chains (teacher, rounds, filters, seed...), so a restart that changes one is refused
+with the differences listed; ``report.json`` (also printed): kept,
 rejected by reason, failed chains by filter, token-length histogram, rounds needed.
 
 Offline DVR (``--offline-dvr``, the paper's way): each kept chain is cut at a reflection point (else
@@ -58,9 +60,11 @@ from typing import Any, TypeVar
 from data_engine.convert import Skip
 from data_engine.convert import extract_answer as strict_answer
 from data_engine.distill_io import (
+    OUTPUT_SETTINGS,
     Question,
     build_report,
     check_partitioning,
+    check_run_settings,
     iter_questions,
     iter_records,
     output_names,
@@ -264,13 +268,17 @@ def distill(args: argparse.Namespace, teacher: Teacher | None = None) -> dict[st
         FilterConfig(args.min_tokens, args.max_tokens, args.max_reflections, args.require_final_answer),
         load_token_counter(tokenizer),
     )
+    prefix, manifest_name, report_name = output_names(args.prefix, args.shard_index, args.num_shards)
+    # An openai: teacher is its --model; its URL may move between restarts.
+    identity = "openai" if str(args.teacher).startswith("openai:") else args.teacher
+    check_run_settings(out / manifest_name.replace(".jsonl", ".settings.json"), {
+        **{k: getattr(args, k) for k in OUTPUT_SETTINGS}, "tokenizer": tokenizer, "teacher": identity})
     if teacher is None:
         teacher = make_teacher(args.teacher, model=args.model, timeout=args.timeout,
                                retries=args.retries, concurrency=args.concurrency,
                                dtype=args.dtype, device=args.device)
     settings = Settings(args.rounds, args.best_of, args.temperature, args.max_new_tokens, args.seed,
                         args.instruction)
-    prefix, manifest_name, report_name = output_names(args.prefix, args.shard_index, args.num_shards)
     started = time.monotonic()
     maxsize = args.max_shard_mb << 20
     questions = iter_questions(args.format, args.input, args.image_root, args.shard_index,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -132,6 +133,36 @@ def check_partitioning(out: Path, index: int, count: int) -> None:
         if other is not None and other != count:
             raise ValueError(f"{out} holds a run split into {other} partition(s) ({path.name}); "
                              f"--num-shards {count} would redo its items: use another --out")
+
+
+# Flags whose values shape the chains a run writes; the others (concurrency, timeouts, shard
+# sizes, progress) can change between restarts.
+OUTPUT_SETTINGS = ("format", "input", "image_root", "teacher", "model", "dtype", "rounds", "best_of",
+                   "temperature", "max_new_tokens", "seed", "instruction", "tokenizer", "min_tokens",
+                   "max_tokens", "max_reflections", "require_final_answer", "offline_dvr", "prefix")
+
+
+def check_run_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Record a run's output settings at ``path``; refuse a restart that changes any of them.
+
+    A restart continues the manifest: chains made under two settings would be mixed silently.
+    """
+    current = {k: None if v is None else str(v) for k, v in settings.items()}
+    if path.exists():
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        changed = [f"--{k.replace('_', '-')} {earlier.get(k)!r} -> {current.get(k)!r}"
+                   for k in sorted(set(earlier) | set(current)) if earlier.get(k) != current.get(k)]
+        if changed:
+            raise ValueError(
+                f"{path.parent} was started with other settings ({path.name}): "
+                f"{'; '.join(changed)}. A restart must use the same ones; to distill with the "
+                "new settings, use another --out"
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(current, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 # --- report ------------------------------------------------------------------------------------

@@ -5,14 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,8 +25,7 @@ from data_engine.filters import (
     reflection_pattern,
     words,
 )
-from data_engine.manifest import ResumableOutput, read_manifest
-from data_engine.shards import ShardWriter
+from data_engine.manifest import read_manifest
 from data_engine.teachers import (
     CONTINUE_INSTRUCTION,
     LocalTeacher,
@@ -361,100 +355,6 @@ def test_offline_dvr_regenerates_after_the_bridge(tmp_path):
 
 
 # --- restarts ----------------------------------------------------------------------------------
-
-
-def test_kill_9_and_restart_gives_the_same_records(tmp_path):
-    n = 24
-    src = write_mathvision(tmp_path / "in", n)
-    script = {"responses": {question(i): [[chain(i)]] for i in range(n)}, "delay": 0.15}
-    (tmp_path / "slow.json").write_text(json.dumps(script))
-    (tmp_path / "fast.json").write_text(json.dumps({**script, "delay": 0}))
-
-    def argv(out: Path, teacher: str) -> list[str]:
-        return ["distill", "--format", "mathvision", "--input", str(src), "--out", str(out),
-                "--teacher", f"scripted:{tmp_path / teacher}", "--tokenizer", "words",
-                "--min-tokens", "0", "--samples-per-shard", "3", "--concurrency", "1", "--no-progress"]
-
-    assert main(argv(tmp_path / "whole", "fast.json")) == 0
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "data_engine", *argv(killed, "slow.json")],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(killed.glob("*.tar"))) < 2 and proc.poll() is None:
-            assert time.monotonic() < deadline, "the distill subprocess made no shards"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    done_before = len(read_manifest(killed / "manifest.jsonl"))
-    assert 6 <= done_before < n
-    assert main(argv(killed, "fast.json")) == 0  # the restart
-    assert not list(killed.glob("*.tmp"))
-    whole = shard_records(sorted((tmp_path / "whole").glob("*.tar")))
-    again = shard_records(sorted(killed.glob("*.tar")))
-    ids = [r.id for r in again]
-    assert len(ids) == len(set(ids)) == n  # no duplicates, none missing
-    assert sorted(again, key=lambda r: r.id) == sorted(whole, key=lambda r: r.id)
-    report = json.loads((killed / "report.json").read_text())
-    assert report["kept"] == n and report["questions"] == n  # the report covers both runs
-
-
-def test_entries_of_an_unpublished_shard_are_redone(tmp_path, monkeypatch):
-    """A crash after the manifest entries but before the rename: those questions count as not done."""
-    rec = SampleRecord(id="r", question="q", response="r", answer="1")
-    out = ResumableOutput(tmp_path, "t", tmp_path / "m.jsonl", maxcount=2)
-    for k in "abcd":  # a, b fill shard 0 (published when c comes); c, d fill shard 1
-        out.add_kept({"key": k, "outcome": "kept"}, k, rec, [png(0)])
-    import data_engine.shards as shards_module
-
-    def crash(src, dst):
-        raise KeyboardInterrupt("killed between manifest and rename")
-
-    monkeypatch.setattr(shards_module.os, "replace", crash)
-    with pytest.raises(KeyboardInterrupt):
-        out.add_kept({"key": "e", "outcome": "kept"}, "e", rec, [png(0)])  # publishes shard 1
-    monkeypatch.undo()
-    with open(tmp_path / "m.jsonl", "a") as f:
-        f.write('{"key": "x", "outc')  # a torn line
-    # c's and d's entries went in before the failed rename; e's never did (added after its write).
-    assert [e["key"] for e in read_manifest(tmp_path / "m.jsonl")] == ["a", "b", "c", "d"]
-    again = ResumableOutput(tmp_path, "t", tmp_path / "m.jsonl", maxcount=2)
-    assert sorted(again.done) == ["a", "b"] and again.run == 1
-    assert not list(tmp_path.glob("*.tmp"))
-    again.add_rejected({"key": "c", "outcome": "rejected", "reason": "wrong_answer"})
-    again.close()
-    with ResumableOutput(tmp_path, "t", tmp_path / "m.jsonl") as third:
-        # Run 1 left no shard and no entry naming one, so its number is free again.
-        assert sorted(third.done) == ["a", "b", "c"] and third.run == 1
-
-
-# --- partitions, inputs, config ----------------------------------------------------------------
-
-
-def test_partitions_are_disjoint_and_cover_the_input(tmp_path):
-    n = 16
-    with ShardWriter(tmp_path / "in", "src", maxcount=5) as w:  # the record format as input
-        for i in range(n):
-            w.write(f"s{i}", SampleRecord(id=f"q{i}", question=question(i), response="old chain.",
-                                          answer=str(i), answer_type="integer"), [png(i)])
-    script = {question(i): [[chain(i)]] for i in range(n)}
-    out = tmp_path / "out"
-    kept = []
-    for index in (0, 1):
-        report = distill(parse("--input", tmp_path / "in", "--out", out, "--teacher", "x:y",
-                               "--tokenizer", "words", "--min-tokens", 0, "--num-shards", 2,
-                               "--shard-index", index, "--no-progress"), FakeTeacher(script))
-        shards = sorted(out.glob(f"distill-p{index:03d}of002-*.tar"))
-        kept.append({r.id for r in shard_records(shards)})
-        assert report["kept"] == len(kept[-1]) > 0
-        assert (out / f"manifest-{index:03d}-of-002.jsonl").exists()
-        assert (out / f"report-{index:03d}-of-002.json").exists()
-    assert not kept[0] & kept[1] and kept[0] | kept[1] == {f"q{i}" for i in range(n)}
-    with pytest.raises(ValueError, match="split into 2 partition"):
-        distill(parse("--input", tmp_path / "in", "--out", out, "--teacher", "x:y", "--tokenizer",
-                      "words"), FakeTeacher(script))
 
 
 def test_malformed_input_is_reported_not_fatal(tmp_path, capsys):
