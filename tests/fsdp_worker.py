@@ -25,7 +25,7 @@ from tvc_lightning.callbacks import all_ranks_any
 from tvc_lightning.hf import load_processor
 from tvc_lightning.module import TVCModule
 
-STEPS, LR = 3, 3e-3
+STEPS, LR, TIED_CHUNK = 3, 3e-3, 2
 
 
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,15 +63,21 @@ def main() -> None:
         losses.append(float(loss.detach()))
     trained = full_state(model)
 
-    tied = TVCModule(tied_checkpoint)
+    # Tied embeddings (Qwen2-VL-2B): one unit for embedding and lm_head, called many times per
+    # step by the chunked loss (2 labels per chunk).
+    tied = TVCModule(tied_checkpoint, loss_chunk_size=TIED_CHUNK)
     tied.load_fsdp(mesh, "32-true", device)
     tied_shares = tied.model.lm_head.weight is tied.model.get_input_embeddings().weight
+    loss, _ = tied.loss(batch)
+    loss.backward()
+    tied_grad = tied.model.lm_head.weight.grad.full_tensor()
     tied.model.eval()
     with torch.no_grad():
         tied_logits = tied(rank_batch(processor, 0))
 
     if rank == 0:
-        torch.save({"loaded": loaded, "trained": trained, "tied_logits": tied_logits}, out / "state.pt")
+        torch.save({"loaded": loaded, "trained": trained, "tied_logits": tied_logits,
+                    "tied_grad": tied_grad}, out / "state.pt")
     (out / f"rank{rank}.json").write_text(json.dumps({
         "local_params": local, "losses": losses, "tied_shares": tied_shares,
         "tokens": result.token_ids, "num_generated": result.num_generated,

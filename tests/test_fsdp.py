@@ -23,7 +23,7 @@ import torch
 
 from data_engine.synth import write_split
 from tests.conftest import assert_ranks_decoded_as_one_process, rank_batch
-from tests.fsdp_worker import LR, STEPS
+from tests.fsdp_worker import LR, STEPS, TIED_CHUNK
 from tests.wandb_history import history
 from tvc_lightning.hf import load_model
 from tvc_lightning.module import TVCModule
@@ -86,11 +86,15 @@ def test_fsdp2_sharded_load_training_and_synced_pvc(tmp_path, tiny_checkpoint, t
         moved += not torch.equal(tensor, expected[name])
     assert moved > 0
 
-    # Tied embeddings: lm_head and the embedding stay one parameter; logits as unsharded.
+    # Tied embeddings: lm_head and the embedding stay one parameter; its gradient through many
+    # lm_head calls per step and the logits are those of one process.
     assert all(seen["tied_shares"] for seen in ranks)
-    tied = load_model(tied_checkpoint).eval()
-    module = TVCModule(str(tied_checkpoint))
-    module.model = tied
+    module = TVCModule(str(tied_checkpoint), loss_chunk_size=TIED_CHUNK)
+    module.model = load_model(tied_checkpoint)
+    module._prepare_model()
+    (sum(module.loss(rank_batch(processor, r))[0] for r in range(2)) / 2).backward()
+    torch.testing.assert_close(state["tied_grad"], module.model.lm_head.weight.grad)
+    module.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(state["tied_logits"], module(rank_batch(processor, 0)))
 
@@ -110,7 +114,10 @@ def test_model_parallel_strategy_fit_validate_and_export(tmp_path, tiny_checkpoi
          "--trainer.devices", "2", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
          "--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
          "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1",
-         "--data.num_workers", "1", "--model.generation.max_new_tokens", "16"],
+         "--trainer.inference_mode", "false", "--data.num_workers", "1",
+         # The 72B recipe's settings: bf16 gathers and compute, activation checkpointing.
+         "--trainer.precision", "bf16-mixed", "--model.gradient_checkpointing", "true",
+         "--model.generation.max_new_tokens", "16"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -149,7 +156,7 @@ def _fit_two_ranks(workdir: Path, name: str, ckpt_path: str | None = None) -> di
         "trainer:\n  max_steps: 6\n  devices: 2\n  log_every_n_steps: 1\n"
         "  enable_progress_bar: false\n  enable_model_summary: false\n"
         "  strategy:\n    class_path: lightning.pytorch.strategies.ModelParallelStrategy\n"
-        "    init_args: {data_parallel_size: 2, tensor_parallel_size: 1}\n"
+        "    init_args: {data_parallel_size: 2, tensor_parallel_size: 1}\n  inference_mode: false\n"
         "  logger:\n    class_path: lightning.pytorch.loggers.CSVLogger\n"
         f"    init_args: {{save_dir: logs, name: {name}, version: ''}}\n{callbacks}"
         "data:\n  val_shards: null\n  batch_size: 2\n  num_workers: 2\n"
@@ -176,3 +183,16 @@ def test_fsdp2_resume_from_a_sharded_checkpoint_matches_the_uninterrupted_run(tm
     assert sorted(resumed) == [3, 4, 5]
     for step, values in resumed.items():
         assert values == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
+
+
+def test_inference_mode_is_refused_under_fsdp2_naming_the_setting(tiny_checkpoint):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    module = TVCModule(str(tiny_checkpoint))
+    module._trainer = SimpleNamespace(strategy=ModelParallelStrategy(), precision="bf16-mixed",
+                                      validate_loop=SimpleNamespace(inference_mode=True))
+    with pytest.raises(ValueError, match="trainer.inference_mode"):
+        module.configure_model()
+    assert module.model is None

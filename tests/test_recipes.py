@@ -107,6 +107,7 @@ def test_fsdp_recipe_builds_its_strategy_sharding_over_every_process():
     assert type(strategy).__name__ == "ModelParallelStrategy"
     assert strategy._data_parallel_size == trainer["devices"] * trainer["num_nodes"]
     assert strategy._tensor_parallel_size == 1
+    assert trainer["inference_mode"] is False  # TVCModule refuses it under FSDP2
     assert recipe["model"]["gradient_checkpointing"] is True  # the model's switch, not FSDP's
 
 

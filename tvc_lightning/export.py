@@ -23,15 +23,17 @@ from tvc_lightning.hf import load_processor, resolve_dtype
 _PREFIX = "model."  # TVCModule keeps the HF model as its ``model`` attribute
 
 
-def _distributed_checkpoint(path: Path) -> dict[str, Any]:
+def _distributed_checkpoint(path: Path, dtype: torch.dtype) -> dict[str, Any]:
     """The model weights and hyperparameters of a sharded (torch.distributed.checkpoint) directory,
-    as written by ``ModelParallelStrategy`` (FSDP2); optimizer state is not read."""
+    as written by ``ModelParallelStrategy`` (FSDP2); optimizer state is not read. Tensors are
+    read straight into ``dtype`` (one copy of the model in memory, not an fp32 one too)."""
     import torch.distributed.checkpoint as dcp
 
     reader = dcp.FileSystemReader(str(path))
     prefix = "state_dict."
     template = {
-        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        key: torch.empty(meta.size, dtype=dtype if meta.properties.dtype.is_floating_point
+                         else meta.properties.dtype)
         for key, meta in reader.read_metadata().state_dict_metadata.items()
         if key.startswith(prefix + _PREFIX) and hasattr(meta, "size")
     }
@@ -43,9 +45,9 @@ def _distributed_checkpoint(path: Path) -> dict[str, Any]:
     return {**extra, "state_dict": {k[len(prefix):]: v for k, v in template.items()}}
 
 
-def _lightning_checkpoint(path: Path) -> dict[str, Any]:
+def _lightning_checkpoint(path: Path, dtype: torch.dtype) -> dict[str, Any]:
     if path.is_dir() and (path / ".metadata").exists():
-        return _distributed_checkpoint(path)
+        return _distributed_checkpoint(path, dtype)
     if path.is_dir():
         try:
             from lightning.pytorch.utilities.deepspeed import (
@@ -73,18 +75,24 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
     """
     from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
-    ckpt = _lightning_checkpoint(Path(checkpoint))
+    target = resolve_dtype(dtype)
+    ckpt = _lightning_checkpoint(Path(checkpoint), target)
     base = base_model or ckpt.get("hyper_parameters", {}).get("model_name_or_path")
     if not base:
         raise ValueError(f"{checkpoint}: no model_name_or_path in its hyperparameters; pass --base-model")
-    state = {k[len(_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(_PREFIX)}
+    # Converted tensor by tensor, each fp32 original dropped as it goes: at 72B the bf16 copy
+    # must not sit beside the whole fp32 one.
+    weights, state = ckpt.pop("state_dict"), {}
+    for key in list(weights):
+        value = weights.pop(key)
+        if key.startswith(_PREFIX):
+            state[key[len(_PREFIX):]] = value.to(target) if value.is_floating_point() else value
     if not state:
         raise ValueError(f"{checkpoint}: no '{_PREFIX}*' weights in its state_dict")
     config = AutoConfig.from_pretrained(base)
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(config)
     model.load_state_dict(state, strict=True, assign=True)
-    model = model.to(resolve_dtype(dtype))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

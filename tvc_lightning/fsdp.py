@@ -13,6 +13,7 @@ the root's forward; with tied embeddings they share one unit.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,7 @@ def load_sharded(model: Any, path: str | Path, device: torch.device) -> None:
             buffer.copy_(sources[name])
         dist.broadcast(buffer, src=0)
     del full, state
+    gc.collect()  # rank 0's full copy, before training allocates
     # FSDP picks its root on the first forward; training and decoding call inner units (the
     # embedding, the vision tower, lm_head) directly, so make the whole model the root now.
     model._get_fsdp_state()._lazy_init()

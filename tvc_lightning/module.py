@@ -87,6 +87,12 @@ class TVCModule(L.LightningModule):
         if isinstance(strategy, ModelParallelStrategy):
             from tvc_lightning.fsdp import data_parallel_mesh
 
+            if self._trainer.validate_loop.inference_mode:
+                # FSDP2 allocates its all-gather buffers at the first unshard: made under
+                # inference_mode (validation, sanity check) they break every later training step.
+                raise ValueError("trainer.inference_mode: set it to false under "
+                                 "ModelParallelStrategy (FSDP2), as recipes/72b_fsdp.yaml does")
+
             self.load_fsdp(data_parallel_mesh(self.device_mesh), precision, strategy.root_device)
             return
         # Under DeepSpeed ZeRO-3 the checkpoint is loaded straight into partitioned parameters.
