@@ -94,3 +94,18 @@ def test_the_stream_follows_the_trainers_epoch(tmp_path, tiny_checkpoint):
                         limit_val_batches=0, callbacks=[Record()])
     trainer.fit(TVCModule(str(tiny_checkpoint), lr=1e-3), datamodule=dm)
     assert seen_epochs[0] == 0 and seen_epochs[-1] == 1  # DVR and shuffling are reseeded per epoch
+
+
+def test_label_windows_count_each_accumulation_window_and_a_short_last_one():
+    import torch
+
+    from tvc_lightning.data.resume import WINDOW_LABELS_KEY, label_windows
+
+    def batch(labelled: int) -> dict:
+        labels = torch.full((1, 10), -100)
+        labels[0, 1:1 + labelled] = 7  # position 0 never counts: nothing predicts it
+        labels[0, 0] = 7
+        return {"labels": labels}
+
+    out = list(label_windows(iter([batch(n) for n in (3, 4, 1, 2, 5)]), size=2))
+    assert [int(b[WINDOW_LABELS_KEY]) for b in out] == [7, 7, 3, 3, 5]

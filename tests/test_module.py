@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,3 +179,50 @@ def test_fsdp1_strategy_is_refused_naming_the_setting_and_its_replacement(tiny_c
     with pytest.raises(ValueError, match="trainer.strategy.*ModelParallelStrategy"):
         module.configure_model()
     assert module.model is None
+
+
+class _CaptureStep(L.Callback):
+    """The micro-batches of the first optimizer step and the gradients it is about to apply."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict] = []
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self.grads:  # before clipping: Lightning clips after this hook
+            self.grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters()
+                          if p.grad is not None}
+
+
+@pytest.mark.parametrize("normalization", ["tokens", "micro_batch"])
+def test_accumulated_step_gradient_follows_the_loss_normalization(tmp_path, tiny_checkpoint,
+                                                                   normalization):
+    from data_engine.synth import write_split
+    from tvc_lightning.data.datamodule import TVCDataModule
+
+    write_split(tmp_path, "train", 6, seed=3, per_shard=6, image_size=160)
+    module = TVCModule(str(tiny_checkpoint), loss_normalization=normalization, loss_chunk_size=16)
+    data = TVCDataModule(str(tiny_checkpoint), str(tmp_path / "train"), batch_size=1,
+                         num_workers=0, max_length=2048, dvr=DVRTransform(p=1.0, pool_kernel=2))
+    capture = _CaptureStep()
+    L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=3, logger=False, limit_val_batches=0,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[capture]).fit(module, data)
+    assert len(capture.batches) == 3
+
+    reference = TVCModule(str(tiny_checkpoint), loss_chunk_size=16)
+    reference.configure_model()
+    sums, counts = zip(*(reference.summed_loss(b) for b in capture.batches), strict=True)
+    assert len({int(n) for n in counts}) > 1  # unequal answers: the two objectives differ
+    assert all(int(b["window_labels"]) == sum(int(n) for n in counts) for b in capture.batches)
+    if normalization == "tokens":
+        objective = sum(sums) / sum(counts)
+    else:
+        objective = sum(s / n for s, n in zip(sums, counts, strict=True)) / len(sums)
+    objective.backward()
+    for name, param in reference.model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(capture.grads[name], param.grad, msg=name)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
+from tvc_lightning.data.resume import WINDOW_LABELS_KEY
 from tvc_lightning.data.tokenize import IGNORE_INDEX
 from tvc_lightning.hf import load_model, resolve_dtype
 from tvc_lightning.loss import chunked_cross_entropy
@@ -42,6 +43,10 @@ class TVCModule(L.LightningModule):
         min_lr_ratio: The cosine decays to ``lr * min_lr_ratio``.
         gradient_checkpointing: Recompute decoder-layer activations in backward to save memory.
         loss_chunk_size: Labelled positions per cross-entropy chunk (bounds the logits' memory).
+        loss_normalization: ``tokens``: every labelled token of an optimizer step weighs the
+            same (the step's loss is the sum over its micro-batches and ranks divided by their
+            total label count, as HF's Trainer does); ``micro_batch``: each micro-batch's mean
+            weighs the same, however many answer tokens it holds.
         attn_implementation: HF attention backend: ``sdpa``, ``eager`` or ``flash_attention_2``.
         generation: PVC decoding settings for validation by generation and ``predict``.
     """
@@ -57,6 +62,7 @@ class TVCModule(L.LightningModule):
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool = False,
         loss_chunk_size: int = 1024,
+        loss_normalization: Literal["tokens", "micro_batch"] = "tokens",
         attn_implementation: str = "sdpa",
         generation: PVCConfig | None = None,
     ) -> None:
@@ -184,12 +190,12 @@ class TVCModule(L.LightningModule):
         return self.model.lm_head(self.hidden_states(batch))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean next-token cross-entropy over the micro-batch's labelled positions, and their number.
+        """Mean next-token cross-entropy over the micro-batch's labelled positions, and their number."""
+        loss_sum, n_tokens = self.summed_loss(batch)
+        return loss_sum / n_tokens.clamp(min=1), n_tokens
 
-        The mean is per micro-batch (as HF/LLaMA-Factory SFT does by default): with gradient
-        accumulation and data parallelism each micro-batch weighs the same, however many answer
-        tokens it holds.
-        """
+    def summed_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy over the micro-batch's labelled positions, and their number."""
         hidden = self.hidden_states(batch)
         labels = batch["labels"][:, 1:]
         chunk = self.hparams.loss_chunk_size
@@ -201,10 +207,9 @@ class TVCModule(L.LightningModule):
             count = torch.tensor([chunks], device=hidden.device)
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
             chunks = int(count.item())
-        loss_sum, n_tokens = chunked_cross_entropy(
+        return chunked_cross_entropy(
             hidden[:, :-1], self.model.lm_head, labels, chunk_size=chunk, min_chunks=chunks,
         )
-        return loss_sum / n_tokens.clamp(min=1), n_tokens
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -212,12 +217,24 @@ class TVCModule(L.LightningModule):
         self._batch_started = time.perf_counter()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self.loss(batch)
+        loss_sum, n_tokens = self.summed_loss(batch)
+        mean = loss_sum / n_tokens.clamp(min=1)
         size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/loss", mean.detach(), prog_bar=True, batch_size=size)
         self.log("train/dvr_injections_per_sample", batch["num_injections"].float().mean(),
                  batch_size=size)
-        return loss
+        if self.hparams.loss_normalization == "micro_batch":
+            return mean
+        # Lightning divides by the accumulation and data parallelism averages over ranks: undo
+        # both so the step's gradient is that of (sum over its tokens) / (their number).
+        window = batch.get(WINDOW_LABELS_KEY)
+        if window is None:
+            raise ValueError("model.loss_normalization=tokens needs the train loader's window label "
+                             "counts (TVCDataModule provides them); set it to micro_batch otherwise")
+        total = self.trainer.strategy.reduce(window.to(loss_sum.device, torch.float32),
+                                             reduce_op="sum")
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        return loss_sum * (scale / total.clamp(min=1))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._batch_started

@@ -194,8 +194,9 @@ class TVCDataModule(L.LightningDataModule):
             **self._loader_args(self.num_workers),
         )
 
-    def _start_train_epoch(self) -> None:
-        """Set the epoch (and on resume, the fast-forward) just before the workers start reading.
+    def _start_train_epoch(self) -> int:
+        """Set the epoch (and on resume, the fast-forward) just before the workers start reading;
+        returns the batches per optimizer step (the trainer's accumulation).
 
         The trainer's epoch is the one to read: Lightning calls no ``on_train_epoch_start`` for an
         epoch it resumes, and sets its epoch only after it created the first iterator.
@@ -214,6 +215,7 @@ class TVCDataModule(L.LightningDataModule):
             rank_zero_info(f"resuming the training stream in epoch {epoch}: rank 0 skips "
                            f"{sum(resume.skips)} samples already trained on")
         self.train_dataset.set_epoch(epoch)
+        return self.trainer.accumulate_grad_batches if self.trainer is not None else 1
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:

@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tvc_lightning.data.shards import _SHARED, ShardDataset, SkipCounter
+from tvc_lightning.data.tokenize import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +147,26 @@ class ResumableStream(IterableDataset):
             yield tag, sample
 
 
+WINDOW_LABELS_KEY = "window_labels"
+
+
+def label_windows(batches: Iterator[dict[str, Any]], size: int) -> Iterator[dict[str, Any]]:
+    """Add to each batch the number of labelled (loss) positions in its accumulation window: the
+    ``size`` consecutive batches from the epoch's start (the last window may be shorter), as
+    Lightning groups them into optimizer steps. Reads up to ``size - 1`` batches ahead."""
+    while True:
+        window = list(itertools.islice(batches, size))
+        if not window:
+            return
+        total = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window))
+        for batch in window:
+            batch[WINDOW_LABELS_KEY] = total
+            yield batch
+
+
 class ResumableLoader(DataLoader):
-    """A DataLoader that calls ``on_start`` just before each epoch's workers start reading.
+    """A DataLoader that calls ``on_start`` just before each epoch's workers start reading, and
+    labels each batch with its accumulation window's label count (``on_start`` returns the window).
 
     Its iterator starts the real one at the first ``next()``, not at ``iter()``: Lightning creates
     the first iterator while it sets up (for DeepSpeed and FSDP even before it restores the
@@ -156,7 +175,7 @@ class ResumableLoader(DataLoader):
     epoch and any resume state. Lightning does not prefetch from a sized loader at ``iter()``.
     """
 
-    def __init__(self, *args: Any, on_start: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, on_start: Callable[[], int], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.on_start = on_start
 
@@ -164,8 +183,8 @@ class ResumableLoader(DataLoader):
         return _LazyIterator(self._start)
 
     def _start(self) -> Iterator[Any]:
-        self.on_start()
-        return super().__iter__()
+        window = self.on_start()  # batches per optimizer step
+        return label_windows(super().__iter__(), window)
 
 
 class _LazyIterator:
