@@ -149,7 +149,7 @@ def workdir(tmp_path, tiny_checkpoint, monkeypatch):
     return tmp_path
 
 
-def _fit(workdir: Path, name: str, max_steps: int, ckpt_path: str | None = None):
+def _fit(workdir: Path, name: str, max_steps: int, ckpt_path: str | None = None, accumulate: int = 1):
     """`fit` the tiny recipe (2 workers, batch 2, no validation) for ``max_steps``; the first run
     saves a checkpoint after every step. Returns ``{step: (loss, lr)}`` from a CSV log."""
     if ckpt_path is None:
@@ -162,6 +162,7 @@ def _fit(workdir: Path, name: str, max_steps: int, ckpt_path: str | None = None)
     config = workdir / f"{name}.yaml"
     config.write_text(
         f"trainer:\n  max_steps: {max_steps}\n  log_every_n_steps: 1\n"
+        f"  accumulate_grad_batches: {accumulate}\n"
         "  enable_progress_bar: false\n  enable_model_summary: false\n"
         "  logger:\n    class_path: lightning.pytorch.loggers.CSVLogger\n"
         f"    init_args: {{save_dir: logs, name: {name}, version: ''}}\n{callbacks}"
@@ -200,3 +201,11 @@ def test_fit_resumed_from_a_checkpoint_matches_the_uninterrupted_run(workdir, mo
         m.setattr(resume.ResumePlan, "arm", lambda *args: None)
         with pytest.raises(AssertionError):
             _assert_continues(full, _fit(workdir, "noskip", 8, "ckpts/step=1.ckpt"), 1)
+
+
+def test_resume_with_gradient_accumulation_keeps_the_token_windows(workdir):
+    # 5 batches per epoch in windows of 2: steps 0-2 (the last one a single batch), then epoch 1.
+    full = _fit(workdir, "acc", max_steps=5, accumulate=2)
+    assert sorted(full) == [0, 1, 2, 3, 4]
+    for k in (2, 3):  # before the epoch's short window; at the epoch boundary
+        _assert_continues(full, _fit(workdir, f"acc{k}", 5, f"ckpts/step={k}.ckpt", accumulate=2), k)
