@@ -96,16 +96,39 @@ def test_the_stream_follows_the_trainers_epoch(tmp_path, tiny_checkpoint):
     assert seen_epochs[0] == 0 and seen_epochs[-1] == 1  # DVR and shuffling are reseeded per epoch
 
 
-def test_label_windows_count_each_accumulation_window_and_a_short_last_one():
+def test_label_windows_follow_the_optimizer_steps():
+    from types import SimpleNamespace
+
     import torch
 
-    from tvc_lightning.data.resume import WINDOW_LABELS_KEY, label_windows
+    from tvc_lightning.data.datamodule import TVCDataModule
+    from tvc_lightning.data.resume import WINDOW_LABELS_KEY, StepWindows, label_windows
 
     def batch(labelled: int) -> dict:
         labels = torch.full((1, 10), -100)
-        labels[0, 1:1 + labelled] = 7  # position 0 never counts: nothing predicts it
-        labels[0, 0] = 7
+        labels[0, : 1 + labelled] = 7  # position 0 never counts: nothing predicts it
         return {"labels": labels}
 
-    out = list(label_windows(iter([batch(n) for n in (3, 4, 1, 2, 5)]), size=2))
-    assert [int(b[WINDOW_LABELS_KEY]) for b in out] == [7, 7, 3, 3, 5]
+    def counts(sizes: list[int], windows: StepWindows) -> list[int]:
+        return [int(b[WINDOW_LABELS_KEY]) for b in label_windows(iter([batch(n) for n in sizes]), windows)]
+
+    sizes = [3, 4, 1, 2, 5, 6, 1]
+    assert counts(sizes, StepWindows(size=2)) == [7, 7, 3, 3, 11, 11, 1]
+    # Lightning forces a step after the epoch's last trained batch (limit_train_batches 5).
+    assert counts(sizes, StepWindows(size=3, limit=5))[:5] == [8, 8, 8, 7, 7]
+    # A resumed epoch, 4 batches done, windows of 3: batches 4-5 finish the window 3-5.
+    assert counts(sizes[4:], StepWindows(size=3, done=4)) == [11, 11, 1]
+    # DeepSpeed counts steps from its restart: batches 4-6.
+    assert counts(sizes[4:], StepWindows(size=3, done=4, start=4)) == [12, 12, 12]
+
+    def windows(strategy_accumulates: bool) -> StepWindows:
+        dm = TVCDataModule.__new__(TVCDataModule)
+        progress = SimpleNamespace(current=SimpleNamespace(ready=4))
+        dm.trainer = SimpleNamespace(
+            accumulate_grad_batches=3, num_training_batches=7,
+            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+            strategy=SimpleNamespace(handles_gradient_accumulation=strategy_accumulates))
+        return dm._step_windows()
+
+    assert windows(False) == StepWindows(size=3, done=4, limit=7)
+    assert windows(True) == StepWindows(size=3, done=4, start=4)

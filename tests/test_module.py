@@ -181,20 +181,20 @@ def test_fsdp1_strategy_is_refused_naming_the_setting_and_its_replacement(tiny_c
     assert module.model is None
 
 
-class _CaptureStep(L.Callback):
-    """The micro-batches of the first optimizer step and the gradients it is about to apply."""
+class _CaptureSteps(L.Callback):
+    """The micro-batches trained on and the gradients each optimizer step is about to apply."""
 
     def __init__(self) -> None:
         self.batches: list[dict] = []
-        self.grads: dict[str, torch.Tensor] = {}
+        self.grads: list[dict[str, torch.Tensor]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.batches.append({k: v.clone() for k, v in batch.items()})
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if not self.grads:  # before clipping: Lightning clips after this hook
-            self.grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters()
-                          if p.grad is not None}
+        # Before clipping (Lightning clips after this hook).
+        self.grads.append({n: p.grad.clone() for n, p in pl_module.model.named_parameters()
+                           if p.grad is not None})
 
 
 @pytest.mark.parametrize("normalization", ["tokens", "micro_batch"])
@@ -204,25 +204,52 @@ def test_accumulated_step_gradient_follows_the_loss_normalization(tmp_path, tiny
     from tvc_lightning.data.datamodule import TVCDataModule
 
     write_split(tmp_path, "train", 6, seed=3, per_shard=6, image_size=160)
-    module = TVCModule(str(tiny_checkpoint), loss_normalization=normalization, loss_chunk_size=16)
+    # lr 0: both steps see the initial weights, so each one's gradient can be recomputed.
+    module = TVCModule(str(tiny_checkpoint), loss_normalization=normalization, loss_chunk_size=16,
+                       lr=0.0)
     data = TVCDataModule(str(tiny_checkpoint), str(tmp_path / "train"), batch_size=1,
                          num_workers=0, max_length=2048, dvr=DVRTransform(p=1.0, pool_kernel=2))
-    capture = _CaptureStep()
-    L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=3, logger=False, limit_val_batches=0,
-              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    capture = _CaptureSteps()
+    # Windows of 3 in a 5-batch epoch: the second step is the epoch's short window (batches 3-4).
+    L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=3, limit_train_batches=5,
+              limit_val_batches=0, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False,
               callbacks=[capture]).fit(module, data)
-    assert len(capture.batches) == 3
+    assert len(capture.batches) == 5 and len(capture.grads) == 2
 
     reference = TVCModule(str(tiny_checkpoint), loss_chunk_size=16)
     reference.configure_model()
-    sums, counts = zip(*(reference.summed_loss(b) for b in capture.batches), strict=True)
-    assert len({int(n) for n in counts}) > 1  # unequal answers: the two objectives differ
-    assert all(int(b["window_labels"]) == sum(int(n) for n in counts) for b in capture.batches)
-    if normalization == "tokens":
-        objective = sum(sums) / sum(counts)
-    else:
-        objective = sum(s / n for s, n in zip(sums, counts, strict=True)) / len(sums)
-    objective.backward()
-    for name, param in reference.model.named_parameters():
-        if param.grad is not None:
-            torch.testing.assert_close(capture.grads[name], param.grad, msg=name)
+    for step, window in enumerate((capture.batches[:3], capture.batches[3:])):
+        sums, counts = zip(*(reference.summed_loss(b) for b in window), strict=True)
+        assert all(int(b["window_labels"]) == sum(int(n) for n in counts) for b in window)
+        if normalization == "tokens":
+            objective = sum(sums) / sum(counts)
+        else:  # Lightning divides by the accumulation (3) even for a short window
+            objective = sum(s / n for s, n in zip(sums, counts, strict=True)) / 3
+        objective.backward()
+        for name, param in reference.model.named_parameters():
+            if param.grad is not None:
+                torch.testing.assert_close(capture.grads[step][name], param.grad, msg=f"{step} {name}")
+        reference.model.zero_grad()
+        if step == 0:
+            assert len({int(n) for n in counts}) > 1  # unequal answers: the objectives differ
+
+
+@pytest.mark.parametrize("world, deepspeed", [(1, False), (2, False), (2, True)])
+def test_step_loss_gives_the_token_mean_gradient_after_the_framework_scaling(world, deepspeed):
+    from tvc_lightning.module import step_loss
+
+    acc = 3
+    divided = acc * acc if deepspeed else acc  # Lightning's division, and DeepSpeed's engine's
+    w = torch.tensor(1.0, requires_grad=True)
+    per_token = torch.tensor([[0.5, 2.0, 1.0], [3.0, 1.5, 0.25]])[:world]  # rank x micro-batch
+    labels = torch.tensor([[4.0, 1.0, 7.0], [2.0, 9.0, 5.0]])[:world]
+    total = labels.sum()
+    grads = []
+    for r in range(world):  # each rank accumulates its micro-batches' gradients
+        (sum(step_loss(w * per_token[r, i] * labels[r, i], total, divided, world) / divided
+             for i in range(acc))).backward()
+        grads.append(w.grad.clone())
+        w.grad = None
+    averaged = sum(grads) / world  # data parallelism averages gradients over ranks
+    torch.testing.assert_close(averaged, (per_token * labels).sum() / total)

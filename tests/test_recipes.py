@@ -52,6 +52,7 @@ def test_big_recipes_match_tvc_setup(size):
     global_batch = (data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"]
                     * trainer["num_nodes"])
     assert global_batch == 256
+    assert data["train_samples"] % global_batch == 0  # whole optimizer steps per epoch
     assert "Global batch = batch_size 1 x accumulate_grad_batches 4 x 8 GPUs x 8 nodes = 256" in (
         RECIPES / f"{size}.yaml").read_text()
     assert trainer["precision"] == "bf16-mixed" and trainer["gradient_clip_val"] == 1.0

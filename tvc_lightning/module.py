@@ -223,18 +223,37 @@ class TVCModule(L.LightningModule):
         self.log("train/loss", mean.detach(), prog_bar=True, batch_size=size)
         self.log("train/dvr_injections_per_sample", batch["num_injections"].float().mean(),
                  batch_size=size)
+        trainer = self.trainer
+        # Lightning divides what this returns by the accumulation, DeepSpeed's engine once more.
+        acc = trainer.accumulate_grad_batches
+        divided = acc * acc if trainer.strategy.handles_gradient_accumulation else acc
         if self.hparams.loss_normalization == "micro_batch":
-            return mean
-        # Lightning divides by the accumulation and data parallelism averages over ranks: undo
-        # both so the step's gradient is that of (sum over its tokens) / (their number).
+            return mean * (divided / acc)  # the mean of the micro-batch means
         window = batch.get(WINDOW_LABELS_KEY)
         if window is None:
             raise ValueError("model.loss_normalization=tokens needs the train loader's window label "
                              "counts (TVCDataModule provides them); set it to micro_batch otherwise")
-        total = self.trainer.strategy.reduce(window.to(loss_sum.device, torch.float32),
-                                             reduce_op="sum")
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
-        return loss_sum * (scale / total.clamp(min=1))
+        total = trainer.strategy.reduce(window.to(loss_sum.device, torch.float32), reduce_op="sum")
+        return step_loss(loss_sum, total, divided, trainer.world_size)
+
+    def on_train_start(self) -> None:
+        from tvc_lightning.data.resume import set_rng_state
+
+        states, self._resume_rng = getattr(self, "_resume_rng", None), None
+        if states is not None:
+            set_rng_state(states)
+        trainer = self.trainer
+        acc = trainer.accumulate_grad_batches
+        if (self.hparams.loss_normalization == "tokens" and trainer.strategy.handles_gradient_accumulation
+                and acc > 1 and math.isfinite(trainer.num_training_batches)
+                and int(trainer.num_training_batches) % acc):
+            # DeepSpeed's steps would straddle epochs, mixing two windows' label counts.
+            raise ValueError(
+                f"model.loss_normalization=tokens under DeepSpeed needs the batches per epoch per "
+                f"rank ({int(trainer.num_training_batches)}) to be a multiple of "
+                f"trainer.accumulate_grad_batches ({acc}): adjust data.train_samples, or set "
+                "model.loss_normalization=micro_batch"
+            )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._batch_started
@@ -304,13 +323,6 @@ class TVCModule(L.LightningModule):
         # (a sanity-check validation, say) may still draw from the global RNGs.
         self._resume_rng = checkpoint.get("rng_states")
 
-    def on_train_start(self) -> None:
-        from tvc_lightning.data.resume import set_rng_state
-
-        states, self._resume_rng = getattr(self, "_resume_rng", None), None
-        if states is not None:
-            set_rng_state(states)
-
     # -- optimization ----------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -332,6 +344,15 @@ class TVCModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def step_loss(loss_sum: torch.Tensor, total_labels: torch.Tensor, divided: int,
+              world_size: int) -> torch.Tensor:
+    """What ``training_step`` returns for a token-normalized step: ``loss_sum`` scaled so that,
+    after the framework divides by ``divided`` and data parallelism averages over
+    ``world_size`` ranks, the step's gradient is that of (sum of its token losses over every
+    micro-batch and rank) / ``total_labels``."""
+    return loss_sum * (divided * world_size / total_labels.clamp(min=1))
 
 
 def _is_sharded(param: torch.Tensor) -> bool:

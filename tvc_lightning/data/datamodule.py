@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tarfile
 from typing import Any
 
@@ -17,6 +18,7 @@ from tvc_lightning.data.resume import (
     ResumableLoader,
     ResumableStream,
     ResumePlan,
+    StepWindows,
     StreamPosition,
     TaggedCollate,
     checkpoint_state,
@@ -194,9 +196,9 @@ class TVCDataModule(L.LightningDataModule):
             **self._loader_args(self.num_workers),
         )
 
-    def _start_train_epoch(self) -> int:
+    def _start_train_epoch(self) -> StepWindows:
         """Set the epoch (and on resume, the fast-forward) just before the workers start reading;
-        returns the batches per optimizer step (the trainer's accumulation).
+        returns how the epoch's batches fall into optimizer steps.
 
         The trainer's epoch is the one to read: Lightning calls no ``on_train_epoch_start`` for an
         epoch it resumes, and sets its epoch only after it created the first iterator.
@@ -215,7 +217,20 @@ class TVCDataModule(L.LightningDataModule):
             rank_zero_info(f"resuming the training stream in epoch {epoch}: rank 0 skips "
                            f"{sum(resume.skips)} samples already trained on")
         self.train_dataset.set_epoch(epoch)
-        return self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        return self._step_windows()
+
+    def _step_windows(self) -> StepWindows:
+        trainer = self.trainer
+        if trainer is None:
+            return StepWindows()
+        size = trainer.accumulate_grad_batches
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # > 0 in a resumed epoch
+        if trainer.strategy.handles_gradient_accumulation:
+            # DeepSpeed's engine steps every `size` micro-batches counted from its (re)start,
+            # across epochs, and forces no step at an epoch's end.
+            return StepWindows(size, done, start=done)
+        limit = trainer.num_training_batches  # Lightning steps after the epoch's last batch
+        return StepWindows(size, done, limit=int(limit) if math.isfinite(limit) else None)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:

@@ -150,14 +150,34 @@ class ResumableStream(IterableDataset):
 WINDOW_LABELS_KEY = "window_labels"
 
 
-def label_windows(batches: Iterator[dict[str, Any]], size: int) -> Iterator[dict[str, Any]]:
-    """Add to each batch the number of labelled (loss) positions in its accumulation window: the
-    ``size`` consecutive batches from the epoch's start (the last window may be shorter), as
-    Lightning groups them into optimizer steps. Reads up to ``size - 1`` batches ahead."""
+@dataclass(frozen=True)
+class StepWindows:
+    """How the epoch's batches fall into optimizer steps: ``size`` batches per step counted from
+    batch ``start`` (the epoch's start, or for DeepSpeed the resume point), the first ``done``
+    batches already trained (a resumed epoch), and a step forced after batch ``limit`` (the
+    epoch's last trained batch; None: no forced step)."""
+
+    size: int = 1
+    done: int = 0
+    start: int = 0
+    limit: int | None = None
+
+    def window_end(self, position: int) -> int:
+        """Batch index (exclusive) where the step holding batch ``position`` ends."""
+        end = self.start + ((position - self.start) // self.size + 1) * self.size
+        return min(end, self.limit) if self.limit is not None and position < self.limit else end
+
+
+def label_windows(batches: Iterator[dict[str, Any]], windows: StepWindows) -> Iterator[dict[str, Any]]:
+    """Add to each batch the number of labelled (loss) positions in its optimizer step's window of
+    batches (the first batch here is the epoch's batch ``windows.done``). Reads up to
+    ``windows.size - 1`` batches ahead."""
+    position = windows.done
     while True:
-        window = list(itertools.islice(batches, size))
+        window = list(itertools.islice(batches, windows.window_end(position) - position))
         if not window:
             return
+        position += len(window)
         total = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window))
         for batch in window:
             batch[WINDOW_LABELS_KEY] = total
@@ -166,7 +186,7 @@ def label_windows(batches: Iterator[dict[str, Any]], size: int) -> Iterator[dict
 
 class ResumableLoader(DataLoader):
     """A DataLoader that calls ``on_start`` just before each epoch's workers start reading, and
-    labels each batch with its accumulation window's label count (``on_start`` returns the window).
+    labels each batch with its optimizer step's label count (``on_start`` says how steps fall).
 
     Its iterator starts the real one at the first ``next()``, not at ``iter()``: Lightning creates
     the first iterator while it sets up (for DeepSpeed and FSDP even before it restores the
@@ -175,7 +195,7 @@ class ResumableLoader(DataLoader):
     epoch and any resume state. Lightning does not prefetch from a sized loader at ``iter()``.
     """
 
-    def __init__(self, *args: Any, on_start: Callable[[], int], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, on_start: Callable[[], StepWindows], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.on_start = on_start
 
@@ -183,8 +203,7 @@ class ResumableLoader(DataLoader):
         return _LazyIterator(self._start)
 
     def _start(self) -> Iterator[Any]:
-        window = self.on_start()  # batches per optimizer step
-        return label_windows(super().__iter__(), window)
+        return label_windows(super().__iter__(), self.on_start())
 
 
 class _LazyIterator:
