@@ -203,7 +203,8 @@ class ResumableLoader(DataLoader):
         return _LazyIterator(self._start)
 
     def _start(self) -> Iterator[Any]:
-        return label_windows(super().__iter__(), self.on_start())
+        windows = self.on_start()  # first: it sets the epoch and fast-forward the workers read
+        return label_windows(super().__iter__(), windows)
 
 
 class _LazyIterator:
