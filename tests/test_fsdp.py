@@ -196,3 +196,17 @@ def test_inference_mode_is_refused_under_fsdp2_naming_the_setting(tiny_checkpoin
     with pytest.raises(ValueError, match="trainer.inference_mode"):
         module.configure_model()
     assert module.model is None
+
+
+def test_tensor_parallelism_is_refused_naming_the_settings():
+    from types import SimpleNamespace
+
+    from tvc_lightning.fsdp import data_parallel_mesh
+
+    # ModelParallelStrategy's defaults on 8 nodes x 8 GPUs: data 8 x tensor 8.
+    mesh = {"data_parallel": SimpleNamespace(size=lambda: 8),
+            "tensor_parallel": SimpleNamespace(size=lambda: 8)}
+    with pytest.raises(ValueError, match="tensor_parallel_size=1 and data_parallel_size"):
+        data_parallel_mesh(mesh)
+    mesh["tensor_parallel"] = SimpleNamespace(size=lambda: 1)
+    assert data_parallel_mesh(mesh) is mesh["data_parallel"]
