@@ -253,3 +253,19 @@ def test_step_loss_gives_the_token_mean_gradient_after_the_framework_scaling(wor
         w.grad = None
     averaged = sum(grads) / world  # data parallelism averages gradients over ranks
     torch.testing.assert_close(averaged, (per_token * labels).sum() / total)
+
+
+def test_deepspeed_needs_whole_steps_per_epoch_for_token_normalization():
+    from types import SimpleNamespace
+
+    def check(batches: int, normalization: str = "tokens") -> None:
+        module = TVCModule("unused", loss_normalization=normalization)
+        module._trainer = SimpleNamespace(
+            accumulate_grad_batches=4, num_training_batches=batches,
+            strategy=SimpleNamespace(handles_gradient_accumulation=True))  # as DeepSpeed's
+        module._check_step_windows()
+
+    with pytest.raises(ValueError, match="data.train_samples.*micro_batch"):
+        check(5390)  # 345,000 samples over 64 ranks: DeepSpeed's steps would straddle epochs
+    check(5392)
+    check(5390, "micro_batch")

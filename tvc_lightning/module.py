@@ -236,12 +236,7 @@ class TVCModule(L.LightningModule):
         total = trainer.strategy.reduce(window.to(loss_sum.device, torch.float32), reduce_op="sum")
         return step_loss(loss_sum, total, divided, trainer.world_size)
 
-    def on_train_start(self) -> None:
-        from tvc_lightning.data.resume import set_rng_state
-
-        states, self._resume_rng = getattr(self, "_resume_rng", None), None
-        if states is not None:
-            set_rng_state(states)
+    def _check_step_windows(self) -> None:
         trainer = self.trainer
         acc = trainer.accumulate_grad_batches
         if (self.hparams.loss_normalization == "tokens" and trainer.strategy.handles_gradient_accumulation
@@ -322,6 +317,14 @@ class TVCModule(L.LightningModule):
         # Applied in on_train_start, just before training goes on: Lightning's setup in between
         # (a sanity-check validation, say) may still draw from the global RNGs.
         self._resume_rng = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        from tvc_lightning.data.resume import set_rng_state
+
+        states, self._resume_rng = getattr(self, "_resume_rng", None), None
+        if states is not None:
+            set_rng_state(states)
+        self._check_step_windows()
 
     # -- optimization ----------------------------------------------------------------------------
 
