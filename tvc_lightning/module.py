@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from tvc_lightning.data.resume import WINDOW_LABELS_KEY
 from tvc_lightning.data.tokenize import IGNORE_INDEX
@@ -102,8 +102,7 @@ class TVCModule(L.LightningModule):
             self.load_fsdp(data_parallel_mesh(self.device_mesh), precision, strategy.root_device)
             return
         # Under DeepSpeed ZeRO-3 the checkpoint is loaded straight into partitioned parameters.
-        deepspeed_config = getattr(strategy, "config", None) if type(strategy).__name__ == (
-            "DeepSpeedStrategy") else None
+        deepspeed_config = strategy.config if isinstance(strategy, DeepSpeedStrategy) else None
         self.model = load_model(
             self.hparams.model_name_or_path,
             dtype=_LOAD_DTYPE.get(precision, "float32"),

@@ -1,0 +1,76 @@
+"""One Lightning fit of the tiny model with DVR data, through Lightning's DeepSpeedStrategy on CPU
+(run by tests/test_deepspeed.py in a fresh process: DeepSpeed and HF's ZeRO-3 config are
+process-global). Writes the per-batch training losses to OUT/losses-STAGE.json; stage 0 is the
+plain single-device run to compare with.
+
+Lightning refuses DeepSpeed without CUDA in three places; ``CPUDeepSpeedStrategy`` bypasses only
+those (the device check, the device-index check, and a device with an index for DeepSpeed's
+engine), so everything else is Lightning's and DeepSpeed's own code path.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy  # noqa: E402
+
+from tvc_lightning.data.datamodule import TVCDataModule  # noqa: E402
+from tvc_lightning.data.dvr import DVRTransform  # noqa: E402
+from tvc_lightning.module import TVCModule  # noqa: E402
+
+ACCUMULATE, STEPS = 3, 4
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    @property
+    def root_device(self) -> torch.device:
+        return torch.device("cpu", self.local_rank)  # DeepSpeed's engine wants a device index
+
+    def setup_environment(self) -> None:
+        DDPStrategy.setup_environment(self)  # skips only the CUDA-accelerator check
+
+    def setup_distributed(self) -> None:
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+
+class LoggedLosses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+
+def main() -> None:
+    faulthandler.dump_traceback_later(240, exit=True)
+    checkpoint, shards, stage, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+    strategy = "auto" if stage == 0 else CPUDeepSpeedStrategy(
+        config={"zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True},
+        process_group_backend="gloo")
+    module = TVCModule(checkpoint, loss_chunk_size=16, lr=2e-3)
+    data = TVCDataModule(checkpoint, shards, batch_size=1, num_workers=0, max_length=2048,
+                         dvr=DVRTransform(p=1.0, pool_kernel=2))
+    losses = LoggedLosses()
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=STEPS,
+                        accumulate_grad_batches=ACCUMULATE, gradient_clip_val=1.0,
+                        limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[losses])
+    trainer.fit(module, data)
+    partitioned = any(hasattr(p, "ds_id") for p in module.model.parameters())
+    (out / f"losses-{stage}.json").write_text(json.dumps({"losses": losses.losses,
+                                                          "partitioned": partitioned}))
+
+
+if __name__ == "__main__":
+    main()
