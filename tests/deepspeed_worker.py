@@ -17,18 +17,16 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import lightning as L
+import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy  # noqa: E402
-
-from tvc_lightning.callbacks import PVCGenerationCallback  # noqa: E402
-from tvc_lightning.data.datamodule import TVCDataModule  # noqa: E402
-from tvc_lightning.data.dvr import DVRTransform  # noqa: E402
-from tvc_lightning.module import TVCModule  # noqa: E402
-from tvc_lightning.pvc import PVCConfig  # noqa: E402
+from tvc_lightning.callbacks import PVCGenerationCallback
+from tvc_lightning.data.datamodule import TVCDataModule
+from tvc_lightning.data.dvr import DVRTransform
+from tvc_lightning.module import TVCModule
+from tvc_lightning.pvc import PVCConfig
 
 ACCUMULATE, STEPS = 3, 4
 
@@ -56,6 +54,7 @@ class LoggedLosses(L.Callback):
 
 
 def main() -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before Lightning imports deepspeed
     faulthandler.dump_traceback_later(240, exit=True)
     checkpoint, data_dir, stage, devices, out = sys.argv[1], Path(sys.argv[2]), *map(int, sys.argv[3:5]), \
         Path(sys.argv[5])
