@@ -18,8 +18,8 @@ key = the input record's id, made key-safe); ``manifest.jsonl`` (one line per fi
 kept or the rejection reason, round, tokens, the shard), which makes restarts exactly-once (see
 :mod:`data_engine.manifest`): rerun the same command after a crash or ``kill -9`` and done
 questions are skipped, those of an unfinished shard redone; ``manifest.settings.json``, the flags
-that shape the chains (teacher, rounds, filters, seed...), so a restart that changes one is refused
-with the differences listed; ``report.json`` (also printed): kept,
+that shape the chains (teacher, rounds, filters, seed...), so a restart that changes one once
+questions are done is refused with the differences listed; ``report.json`` (also printed): kept,
 rejected by reason, failed chains by filter, token-length histogram, rounds needed.
 
 Offline DVR (``--offline-dvr``, the paper's way): each kept chain is cut at a reflection point (else
@@ -60,7 +60,6 @@ from typing import Any, TypeVar
 from data_engine.convert import Skip
 from data_engine.convert import extract_answer as strict_answer
 from data_engine.distill_io import (
-    OUTPUT_SETTINGS,
     Question,
     build_report,
     check_partitioning,
@@ -69,6 +68,7 @@ from data_engine.distill_io import (
     iter_records,
     output_names,
     print_report,
+    run_settings,
     sample_key,
 )
 from data_engine.filters import ChainChecker, FilterConfig, furthest, load_token_counter
@@ -269,10 +269,10 @@ def distill(args: argparse.Namespace, teacher: Teacher | None = None) -> dict[st
         load_token_counter(tokenizer),
     )
     prefix, manifest_name, report_name = output_names(args.prefix, args.shard_index, args.num_shards)
-    # An openai: teacher is its --model; its URL may move between restarts.
-    identity = "openai" if str(args.teacher).startswith("openai:") else args.teacher
-    check_run_settings(out / manifest_name.replace(".jsonl", ".settings.json"), {
-        **{k: getattr(args, k) for k in OUTPUT_SETTINGS}, "tokenizer": tokenizer, "teacher": identity})
+    manifest = out / manifest_name
+    check_run_settings(manifest.with_name(manifest.stem + ".settings.json"),
+                       run_settings(args, tokenizer),
+                       started=manifest.exists() and manifest.stat().st_size > 0)
     if teacher is None:
         teacher = make_teacher(args.teacher, model=args.model, timeout=args.timeout,
                                retries=args.retries, concurrency=args.concurrency,

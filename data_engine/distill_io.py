@@ -136,22 +136,49 @@ def check_partitioning(out: Path, index: int, count: int) -> None:
 
 
 # Flags whose values shape the chains a run writes; the others (concurrency, timeouts, shard
-# sizes, progress) can change between restarts.
+# sizes, progress, --offline-dvr, which adds a stage beside them) can change between restarts.
 OUTPUT_SETTINGS = ("format", "input", "image_root", "teacher", "model", "dtype", "rounds", "best_of",
                    "temperature", "max_new_tokens", "seed", "instruction", "tokenizer", "min_tokens",
-                   "max_tokens", "max_reflections", "require_final_answer", "offline_dvr", "prefix")
+                   "max_tokens", "max_reflections", "require_final_answer", "prefix")
 
 
-def check_run_settings(path: Path, settings: dict[str, Any]) -> None:
-    """Record a run's output settings at ``path``; refuse a restart that changes any of them.
+def _normalized(value: Any) -> Any:
+    """One spelling per setting: numbers as numbers ('1' from a config file == 1.0 == 1), existing
+    paths absolute, the rest as strings."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value)
+    try:
+        number = float(text)
+    except ValueError:
+        pass
+    else:
+        return int(number) if number.is_integer() else number
+    kind, sep, target = text.partition(":")
+    if sep and kind in ("local", "scripted") and Path(target).exists():  # a teacher spec
+        return f"{kind}:{Path(target).resolve()}"
+    return str(Path(text).resolve()) if Path(text).exists() else text
 
-    A restart continues the manifest: chains made under two settings would be mixed silently.
-    """
-    current = {k: None if v is None else str(v) for k, v in settings.items()}
-    if path.exists():
+
+def run_settings(args: Any, tokenizer: str) -> dict[str, Any]:
+    """The chain-shaping settings of ``args`` (the resolved CLI namespace), normalized."""
+    settings = {k: getattr(args, k) for k in OUTPUT_SETTINGS}
+    settings["tokenizer"] = tokenizer
+    if settings["image_root"] is None and args.format != "records":
+        settings["image_root"] = Path(args.input).parent  # the default, made explicit
+    if str(args.teacher).startswith("openai:"):
+        settings["teacher"] = "openai"  # the served --model is the teacher; its URL may move
+    return {k: _normalized(v) for k, v in settings.items()}
+
+
+def check_run_settings(path: Path, settings: dict[str, Any], started: bool) -> None:
+    """Record a run's output settings at ``path``; once the run has ``started`` (its manifest has
+    entries), refuse a restart that changes any of them: chains made under two settings would be
+    mixed silently. Before that, a rerun (after a typo, say) simply records its own."""
+    if started and path.exists():
         earlier = json.loads(path.read_text(encoding="utf-8"))
-        changed = [f"--{k.replace('_', '-')} {earlier.get(k)!r} -> {current.get(k)!r}"
-                   for k in sorted(set(earlier) | set(current)) if earlier.get(k) != current.get(k)]
+        changed = [f"--{k.replace('_', '-')} {earlier.get(k)!r} -> {settings.get(k)!r}"
+                   for k in sorted(set(earlier) | set(settings)) if earlier.get(k) != settings.get(k)]
         if changed:
             raise ValueError(
                 f"{path.parent} was started with other settings ({path.name}): "
@@ -161,7 +188,7 @@ def check_run_settings(path: Path, settings: dict[str, Any]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(current, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 

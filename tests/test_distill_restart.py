@@ -117,24 +117,31 @@ def test_partitions_are_disjoint_and_cover_the_input(tmp_path):
                       "words"), FakeTeacher(script))
 
 
-def test_a_restart_with_changed_settings_is_refused_and_writes_nothing(tmp_path, capsys):
+def test_a_restart_with_changed_settings_is_refused_and_writes_nothing(tmp_path, capsys, monkeypatch):
     n = 6
     src = write_mathvision(tmp_path / "in", n)
     (tmp_path / "t.json").write_text(json.dumps({"responses": {question(i): [[chain(i)]] for i in range(n)}}))
     out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
 
-    def argv(*extra: str) -> list[str]:
-        return ["distill", "--format", "mathvision", "--input", str(src), "--out", str(out),
+    def argv(*extra: str, source: str = str(src)) -> list[str]:
+        return ["distill", "--format", "mathvision", "--input", source, "--out", str(out),
                 "--teacher", f"scripted:{tmp_path / 't.json'}", "--tokenizer", "words",
                 "--min-tokens", "0", "--no-progress", *extra]
 
+    # A first run that failed before distilling anything (a mistyped input) locks nothing.
+    assert main(argv("--max-reflections", "3", source="in/typo.jsonl")) == 2
     assert main(argv("--max-reflections", "3")) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert main(argv("--max-reflections", "5", "--seed", "1")) == 2
     err = capsys.readouterr().err
     assert "manifest.settings.json" in err and "use another --out" in err
-    assert "--max-reflections '3' -> '5'" in err and "--seed '0' -> '1'" in err
+    assert "--max-reflections 3 -> 5" in err and "--seed 0 -> 1" in err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing lost
-    # Operational flags may change; the same settings resume (here: nothing left to do).
-    assert main(argv("--max-reflections", "3", "--concurrency", "2", "--samples-per-shard", "2")) == 0
+    # The same settings spelled otherwise (a config file's number, a relative path, the default
+    # image root given explicitly), changed operational flags, and the DVR stage added later:
+    # all resume.
+    (tmp_path / "c.yaml").write_text("max_reflections: 3.0\nconcurrency: 2\n")
+    assert main(argv("--config", "c.yaml", "--image-root", str(src.parent), "--offline-dvr",
+                     source=str(src.relative_to(tmp_path)))) == 0
     assert len(shard_records(sorted(out.glob("*.tar")))) == n

@@ -53,6 +53,9 @@ def test_big_recipes_match_tvc_setup(size):
                     * trainer["num_nodes"])
     assert global_batch == 256
     assert data["train_samples"] % global_batch == 0  # whole optimizer steps per epoch
+    (saver,) = [c["init_args"] for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    total_steps = data["train_samples"] // global_batch * trainer["max_epochs"]
+    assert total_steps % saver["every_n_train_steps"] == 0  # last.ckpt ends up the final model
     assert "Global batch = batch_size 1 x accumulate_grad_batches 4 x 8 GPUs x 8 nodes = 256" in (
         RECIPES / f"{size}.yaml").read_text()
     assert trainer["precision"] == "bf16-mixed" and trainer["gradient_clip_val"] == 1.0

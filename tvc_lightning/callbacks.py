@@ -77,6 +77,8 @@ class PVCGenerationCallback(L.Callback):
         self.max_samples = max_samples
         self.batch_size = batch_size
         self.table_rows = table_rows
+        if every_n_epochs < 1:
+            raise ValueError(f"PVCGenerationCallback.every_n_epochs must be >= 1, got {every_n_epochs}")
         self.every_n_epochs = every_n_epochs
 
     def due(self, trainer: L.Trainer) -> bool:

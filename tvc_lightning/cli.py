@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -26,13 +27,26 @@ class TVCLightningCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be replaced after start-up)."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 class _StderrOnly(logging.Filter):
     """Sends a logger's records to stderr instead of its own (stdout) handlers."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.handler = logging.StreamHandler(sys.stderr)
-        self.handler.setFormatter(logging.Formatter("[%(levelname)s] [%(name)s] %(message)s"))
+        self.handler = _CurrentStderr()
+        self.handler.setFormatter(logging.Formatter(
+            "[%(asctime)s] [%(levelname)s] [%(filename)s:%(lineno)d:%(funcName)s] %(message)s"))
 
     def filter(self, record: logging.LogRecord) -> bool:
         self.handler.handle(record)

@@ -63,7 +63,8 @@ def _lightning_checkpoint(path: Path, dtype: torch.dtype) -> dict[str, Any]:
             return torch.load(out, map_location="cpu", weights_only=False)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # Memory-mapped: the optimizer state beside the weights is never read in.
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
