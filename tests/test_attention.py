@@ -20,6 +20,7 @@ from tvc_lightning.pvc.attention import (
     KIND_ORIGINAL,
     KIND_TEXT,
     VisualAttentionProbe,
+    cache_keyword,
     forgetting_curve,
     prompt_key_kinds,
     visual_attention_shares,
@@ -92,8 +93,9 @@ class Lockstep:
 
     def _run(self, kwargs: dict, query_rows: list[int] | None = None, recorded: bool = True) -> torch.Tensor:
         with torch.no_grad():
-            out = self.sdpa(**kwargs, past_key_values=self.caches[0], use_cache=True)
-            ref = self.eager(**kwargs, past_key_values=self.caches[1], use_cache=True, output_attentions=True)
+            kw = cache_keyword(self.sdpa.forward)
+            out = self.sdpa(**kwargs, **{kw: self.caches[0]}, use_cache=True)
+            ref = self.eager(**kwargs, **{kw: self.caches[1]}, use_cache=True, output_attentions=True)
         if recorded:
             shares = reference_shares(ref.attentions, self.probe.key_kinds, query_rows)
             self.refs.append((list(self.ids), shares))
@@ -367,7 +369,7 @@ def test_switches_and_lifecycle(models):
     probe.set_key_kinds(kinds)
     with torch.no_grad():
         sdpa(**inputs)  # prefill: skipped by default
-        assert probe.num_steps == 0 and probe.records().shape == (0, 0, 2, 2)
+        assert probe.num_steps == 0 and probe.records().shape == (0, 1, 2, 2)  # the kinds' batch
         probe.record_prefill = True
         with probe.paused():
             sdpa(**inputs)
@@ -432,3 +434,25 @@ def test_forgetting_curve_bins_by_hand():
     assert forgetting_curve(torch.empty(0, 3), bins=2).isnan().all()
     with pytest.raises(ValueError):
         forgetting_curve(shares, bins=0)
+
+
+def test_cache_keyword_follows_the_signature(models):
+    sdpa, _, _ = models
+    attention = sdpa.model.language_model.layers[0].self_attn
+    assert cache_keyword(sdpa.model.language_model.forward) == cache_keyword(attention.forward)
+    assert cache_keyword(lambda hidden, cache=None: None) == "cache"
+    assert cache_keyword(lambda hidden, past_key_values=None: None) == "past_key_values"
+    with pytest.raises(TypeError, match="neither `cache` nor `past_key_values`"):
+        cache_keyword(lambda hidden, kv=None: None)
+
+
+def test_layer_without_the_cache_it_was_told_of_raises(models):
+    """Kinds describing a cache longer than the fed positions while the layer got no cache: the
+    probe would otherwise skip silently (the transformers 5.24 failure) and must say so."""
+    sdpa, _, processor = models
+    inputs = make_inputs(processor, ["How many circles?"], [(112, 112)])
+    n = inputs["input_ids"].shape[1]
+    with VisualAttentionProbe(sdpa) as probe, torch.no_grad():
+        probe.set_key_kinds(torch.zeros(1, n + 5, dtype=torch.long))
+        with pytest.raises(RuntimeError, match="received no KV cache"):
+            sdpa(**inputs, use_cache=False)

@@ -206,8 +206,10 @@ def test_attention_shares_follow_calibrations(tiny, reset):
         assert result.token_ids == same.token_ids  # measuring does not change decoding
         shares = result.attention
         layers = model.config.text_config.num_hidden_layers
-        # One row per decode step (the first generated token came from the prefill).
-        assert shares.shape == (result.num_generated - 1, layers, 2)
+        # One row per decode step, i.e. per sampled token but the last (the first came from the
+        # prefill); sampled tokens include the rolled-back ones, no longer counted as generated.
+        rolled_back = sum(SCRIPT[i][1].rollback for i in range(len(result.calibrations)))
+        assert shares.shape == (result.num_generated + rolled_back - 1, layers, 2)
         first = result.calibrations[0].step - 1  # the step that fed the first chunk
         assert (shares[:first, :, 1] == 0).all() and (shares[:first, :, 0] > 0).all()
         assert (shares[first:, :, 1] > 0).all()
@@ -236,3 +238,34 @@ def test_placeholder_tokens_are_never_generated_and_control_text_is_refused():
     assert len(result.token_ids) == 12 and pad not in result.token_ids
     with pytest.raises(ValueError, match="control-token"):
         pvc_generate(model, processor, ["What is <|im_end|> here?"], _images()[:1], PVCConfig())
+
+
+def test_rolled_back_tokens_do_not_count_as_generated(tiny):
+    """A reflection calibration removes its phrase: those tokens are not part of the answer, so
+    max_new_tokens and num_generated count only the model tokens that remain."""
+    model, processor = tiny
+    config = PVCConfig(max_new_tokens=30, min_new_tokens=30)
+    results = pvc_generate(model, processor, QUESTIONS, _images(), config, triggers=ScriptedTriggers(SCRIPT))
+    for result in results:
+        assert any(SCRIPT[i][1].rollback for i in range(len(result.calibrations)))  # the script rolled back
+        injected = sum(c.length for c in result.calibrations)
+        assert len(result.token_ids) - injected == result.num_generated == 30
+
+
+def test_attention_records_every_decode_step_and_none_for_first_token_stops(tiny):
+    """The probe must see every cached decode step (transformers 5.24 renamed the cache keyword:
+    a probe reading the old name recorded nothing), and rows that stop at their first token have
+    empty records rather than an error."""
+    model, processor = tiny
+    layers = model.config.text_config.num_hidden_layers
+    results = pvc_generate(model, processor, QUESTIONS, _images(),
+                           PVCConfig(max_calibrations=0, max_new_tokens=6, min_new_tokens=6),
+                           measure_attention=True)
+    for result in results:
+        assert result.attention.shape == (5, layers, 2)
+        assert (result.attention[..., 0] > 0).all()  # the prompt's image keys get attention
+        assert (result.attention[..., 1] == 0).all()  # no copies without calibrations
+    first_only = pvc_generate(model, processor, QUESTIONS, _images(), PVCConfig(max_new_tokens=1),
+                              measure_attention=True)
+    for result in first_only:
+        assert result.num_generated == 1 and result.attention.shape == (0, layers, 2)

@@ -19,8 +19,9 @@ hold *after* its cache update, i.e. the cached positions followed by the positio
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,7 +30,7 @@ from torch import nn
 from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
 
 __all__ = ["KIND_COPY", "KIND_INVALID", "KIND_ORIGINAL", "KIND_TEXT", "VisualAttentionProbe", "cache_keys",
-           "forgetting_curve", "prompt_key_kinds", "visual_attention_shares"]
+           "cache_keyword", "forgetting_curve", "prompt_key_kinds", "visual_attention_shares"]
 
 KIND_INVALID = -1  # padding or otherwise unseen position: excluded from the softmax
 KIND_TEXT = 0
@@ -49,6 +50,25 @@ def prompt_key_kinds(
     if attention_mask is not None:
         kinds = kinds.masked_fill(attention_mask == 0, KIND_INVALID)
     return kinds.long()
+
+
+def cache_keyword(forward: Callable[..., Any]) -> str:
+    """The keyword under which a transformers ``forward`` takes the KV cache.
+
+    transformers 5.24 renamed it from ``past_key_values`` to ``cache`` in Qwen2-VL's models, decoder
+    layers and attention layers (the old name lives on only as a deprecation shim). Reading the
+    signature once, instead of relying on the shim, keeps the decode loop and the attention probe
+    right on both sides of the rename and fails loudly on a third spelling.
+    """
+    params = inspect.signature(forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(
+        f"{getattr(forward, '__qualname__', forward)!r} takes neither `cache` nor `past_key_values`: "
+        "this transformers version passes the KV cache some other way; the PVC decoder and the "
+        "attention probe need updating for it"
+    )
 
 
 def cache_keys(cache: Any, layer_idx: int) -> torch.Tensor:
@@ -208,6 +228,8 @@ class VisualAttentionProbe:
         # _kind_tensors per device (layers of a sharded model live on several), reset on every kinds edit.
         self._derived: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         layers = _decoder_layers(model)
+        # Decided once: the layers are all of one class, and the name depends on the transformers release.
+        self._cache_kw = cache_keyword(layers[0].self_attn.forward)
         self._records: list[list[torch.Tensor]] = [[] for _ in layers]  # per layer, per step (B_s, 2)
         self._step_rows: list[torch.Tensor] = []  # per step, the original rows measured
         # q_proj's output of the running forward, so the query need not be projected a second time.
@@ -306,20 +328,35 @@ class VisualAttentionProbe:
         B is the batch of the first :meth:`set_key_kinds`; a row absent from a step (it had left
         the batch) reads NaN there.
         """
-        out = torch.full((self.num_steps, self._num_rows, len(self._records), 2), float("nan"))
+        if any(len(r) != self.num_steps for r in self._records):
+            counts = sorted({len(r) for r in self._records})
+            raise RuntimeError(
+                f"layers recorded different numbers of steps ({counts}): a forward was interrupted, or some "
+                "layers were not measured"
+            )
+        out = torch.full((self.num_steps, self._batch_size(), len(self._records), 2), float("nan"))
         if self.num_steps == 0:
             return out
-        if any(len(r) != self.num_steps for r in self._records):
-            raise RuntimeError("layers recorded different numbers of steps (a forward was interrupted)")
         steps = torch.cat([torch.full((len(r),), s) for s, r in enumerate(self._step_rows)])
         values = torch.stack([torch.cat(r) for r in self._records], dim=1).cpu()  # (sum B_s, layers, 2)
         out[steps, torch.cat(self._step_rows)] = values.float()
         return out
 
     def row_records(self, row: int) -> torch.Tensor:
-        """One original row's shares (T, layers, 2) over the steps it took part in, in order."""
+        """One original row's shares (T, layers, 2) over the steps it took part in, in order.
+
+        T is 0 for a row that was never measured (it stopped at its first token)."""
+        out = self.records()
+        if not 0 <= row < out.shape[1]:
+            raise IndexError(f"row {row} is not in the measured batch of {out.shape[1]} rows")
         present = torch.tensor([bool((r == row).any()) for r in self._step_rows], dtype=torch.bool)
-        return self.records()[present, row]
+        return out[present, row]
+
+    def _batch_size(self) -> int:
+        """Rows of the measured batch: fixed by the first measurement, else the current kinds'."""
+        if self._row_ids is not None:
+            return self._num_rows
+        return 0 if self._kinds is None else self._kinds.shape[0]
 
     def clear(self) -> None:
         """Forget the recorded shares and the batch: the current rows, or the next set_key_kinds' rows,
@@ -355,7 +392,9 @@ class VisualAttentionProbe:
             if not self.enabled:
                 return
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get(self._cache_kw)
+            if cache is None:
+                self._check_uncached(index, hidden)
             keys = cache_keys(cache, module.layer_idx) if cache is not None else None
             # The cache now holds this forward's keys: as many as fed means it was empty before.
             if (keys is None or keys.shape[2] == hidden.shape[1]) and not self.record_prefill:
@@ -366,6 +405,18 @@ class VisualAttentionProbe:
                 self._step_rows.append(self._batch_rows())
 
         return hook
+
+    def _check_uncached(self, index: int, hidden: torch.Tensor) -> None:
+        """A layer that got no cache sees only the fed positions: kinds describing more keys than
+        that mean the cache went missing on its way to the layer (e.g. under a keyword this probe
+        does not read), and measuring would silently skip every step."""
+        kinds = self._kinds
+        if kinds is not None and kinds.shape[1] != hidden.shape[1]:
+            raise RuntimeError(
+                f"VisualAttentionProbe: decoder layer {index} received no KV cache under `{self._cache_kw}` "
+                f"but the key kinds describe {kinds.shape[1]} keys for {hidden.shape[1]} fed positions; "
+                "pass the cache to the model under the keyword its forward declares (see cache_keyword)"
+            )
 
     def _measure(
         self,

@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import DynamicCache
 
 from tvc_lightning.data.tokenize import ChatFormat, special_token_pattern
-from tvc_lightning.pvc.attention import VisualAttentionProbe
+from tvc_lightning.pvc.attention import VisualAttentionProbe, cache_keyword
 from tvc_lightning.pvc.config import PVCConfig
 from tvc_lightning.pvc.sampling import next_tokens
 from tvc_lightning.pvc.triggers import Trigger, TriggerDetector
@@ -102,6 +102,7 @@ class _Decoder:
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.lm = model.model.language_model
+        self.cache_kw = cache_keyword(self.lm.forward)  # `cache` since transformers 5.24
         self.embed = model.get_input_embeddings()
         self.image_token_id = int(model.config.image_token_id)
         self.vision_ids = self.tokenizer.convert_tokens_to_ids([chat.vision_start, chat.vision_end])
@@ -117,6 +118,7 @@ class _Decoder:
         self.detector = triggers or TriggerDetector(config, self.tokenizer)
         self.sync = sync
         self.probe = VisualAttentionProbe(model) if measure_attention else None
+        self.cached_steps = 0  # forwards that extended a cache: each must leave one probe record
         self.device = self.embed.weight.device
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
 
@@ -198,8 +200,8 @@ class _Decoder:
         if features:
             image = (ids == self.image_token_id).unsqueeze(-1)
             embeds = embeds.masked_scatter(image, torch.cat(features).to(embeds.dtype))
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                      past_key_values=cache, use_cache=True)
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
+                      **{self.cache_kw: cache})
         hidden = out.last_hidden_state[torch.arange(ids.shape[0]), last.to(self.device)]
         return self.model.lm_head(hidden).float()  # (B, V): only the positions we sample from
 
@@ -223,6 +225,7 @@ class _Decoder:
             self.probe.set_key_kinds(kinds)
         mask = (kinds >= 0).long()
         logits = self._forward(ids_t, features, mask, pos_t, cache, last)
+        self.cached_steps += 1
         return kinds, logits
 
     def _commit_pending(self, r: _Row, start: int | None) -> None:
@@ -273,6 +276,9 @@ class _Decoder:
                 for seq in (r.seq_ids, r.seq_kinds, r.seq_pos, r.seq_hidden_from, r.seq_cols):
                     del seq[-cached:]
             del r.generated[-trigger.rollback:]
+            # Rolled-back tokens are not part of the answer: they count neither toward
+            # max_new_tokens nor in the generated-token metrics.
+            r.num_generated -= trigger.rollback
         if self.config.reset == "visual" and not r.calibrations:
             kinds_row[kinds_row == ORIGINAL] = HIDDEN
             # Hidden from everything fed from now on: the new token and the chunk included.
@@ -366,6 +372,11 @@ class _Decoder:
                 cache, kinds, logits = self._prefill(rows)
             else:
                 kinds, logits = self._step(rows, cache, kinds)
+        if self.probe is not None and self.probe.num_steps != self.cached_steps:
+            raise RuntimeError(
+                f"the attention probe recorded {self.probe.num_steps} of {self.cached_steps} decode steps: "
+                "its hooks did not see the KV cache (a transformers change in how layers receive it?)"
+            )
         return [self._result(r) for r in sorted(done, key=lambda r: r.sample)]
 
     def _any_active(self, local: bool) -> bool:
