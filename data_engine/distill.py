@@ -2,25 +2,31 @@
 
 For each input question, round 1 asks the teacher once, greedily; the chain is checked by the
 filters of :mod:`data_engine.filters` (a final answer equal to the gold one per the project's
-scorer, 200-8000 tokens, at most 25 reflection words). A question whose chains all failed goes to
-the next round: best-of-N sampling (N 8, temperature 1.0), until one passes or ``--rounds`` (2)
-are spent. The first passing chain is kept; a question is "solved" only by a chain that passes
-every filter, so a correct but overlong greedy chain is re-sampled too. The teacher is sent the
-question followed by ``--instruction``; the stored record keeps the question alone.
+scorer, a response of at least 200 tokens, a training sample of at most ``--max-length`` tokens as
+training counts it -- prompt, images, DVR copies and response, measured with the checkpoint given
+as ``--tokenizer`` and the training settings given as flags -- and at most 25 reflection words).
+A question whose chains all failed goes to the next round: best-of-N sampling (N 8, temperature
+1.0), until one passes or ``--rounds`` (2) are spent. The first passing chain is kept; a question
+is "solved" only by a chain that passes every filter, so a correct but overlong greedy chain is
+re-sampled too. The teacher is sent the question followed by ``--instruction``; the stored record
+keeps the question alone.
 
 Inputs (``--format``): ``records`` (shards of sample records: a directory, glob or brace pattern),
 ``sharegpt`` (LLaMA-Factory JSON), ``mathvista`` (JSON), ``mathvision`` (JSONL), read as
-``convert`` reads them. Only the question, images and gold answer are used. Bad items are reported
-on stderr with their label (index, pid, line or shard:key) and counted, never fatal.
+``convert`` reads them. Only the question, images and gold answer are used. Bad items (malformed,
+missing image, no gold answer, a question holding control-token text such as ``<|im_end|>``) are
+reported on stderr with their label (index, pid, line or shard:key) and counted in the report's
+``invalid_input``, never fatal.
 
 Output in OUT: kept records as shards ``PREFIX-pIIIofNNN-rRRR-XXXXXX.tar`` (record id = sample
 key = the input record's id, made key-safe); ``manifest.jsonl`` (one line per finished question:
-kept or the rejection reason, round, tokens, the shard), which makes restarts exactly-once (see
-:mod:`data_engine.manifest`): rerun the same command after a crash or ``kill -9`` and done
-questions are skipped, those of an unfinished shard redone; ``manifest.settings.json``, the flags
-that shape the chains (teacher, rounds, filters, seed...), so a restart that changes one once
-questions are done is refused with the differences listed; ``report.json`` (also printed): kept,
-rejected by reason, failed chains by filter, token-length histogram, rounds needed.
+kept or the rejection reason, round, response tokens, training length, the shard), which makes
+restarts exactly-once (see :mod:`data_engine.manifest`): rerun the same command after a crash or
+``kill -9`` and done questions are skipped, those of an unfinished shard redone;
+``manifest.settings.json``, the flags that shape the chains (teacher, rounds, filters, training
+lengths, seed...), so a restart that changes one once questions are done is refused with the
+differences listed; ``report.json`` (also printed): kept, rejected by reason, failed chains by
+filter, token-length histogram, rounds needed.
 
 Offline DVR (``--offline-dvr``, the paper's way): each kept chain is cut at a reflection point (else
 near its midpoint), chosen by :class:`tvc_lightning.data.dvr.DVRTransform` with a bridging prompt;
@@ -28,8 +34,9 @@ the teacher is asked to go on from ``prefix + bridge`` with the image shown agai
 ``prefix + bridge + continuation`` is kept if it passes the same filters. Chat APIs do not all
 accept an assistant prefix, so the request is one user turn: image, question, then
 ``"Continue this reasoning after looking at the image again:\\n" + prefix + bridge``. The records
-go to ``OUT/dvr/`` with their own manifest and report section; the training-time DVR transform
-finds the bridge as a reflection point.
+go to ``OUT/dvr/`` with their own manifest and report section; each stores where its bridge is
+(``bridge_spans``), and training shows the image right there, once (see
+:mod:`data_engine.offline_dvr`).
 
 Scale-out: ``--shard-index I --num-shards N`` keeps the items whose label (index, pid, line number
 or sample key) hashes (SHA-256) to I modulo N, so N jobs -- a SLURM array with
@@ -58,8 +65,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from data_engine.convert import Skip
-from data_engine.convert import extract_answer as strict_answer
+from data_engine.distill_cli import TVC_INSTRUCTION, add_arguments, resolve
 from data_engine.distill_io import (
+    Chain,
     Question,
     build_report,
     check_partitioning,
@@ -71,10 +79,11 @@ from data_engine.distill_io import (
     run_settings,
     sample_key,
 )
-from data_engine.filters import ChainChecker, FilterConfig, furthest, load_token_counter
+from data_engine.filters import ChainChecker, FilterConfig, furthest
+from data_engine.lengths import TrainingShape, load_measures
 from data_engine.manifest import ResumableOutput
+from data_engine.offline_dvr import continue_after_image
 from data_engine.teachers import (
-    CONTINUE_INSTRUCTION,
     Teacher,
     TeacherError,
     TeacherRequestError,
@@ -82,7 +91,7 @@ from data_engine.teachers import (
 )
 from tvc_lightning.data.dvr import DEFAULT_BRIDGES, DVRTransform
 
-TVC_INSTRUCTION = "Please answer the question using a long-chain reasoning style and think step by step."
+__all__ = ["Settings", "add_arguments", "distill", "resolve", "run", "solve"]
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -113,7 +122,7 @@ def stable_seed(*parts: object) -> int:
 
 
 def solve(q: Question, teacher: Teacher, checker: ChainChecker,
-          settings: Settings) -> tuple[dict[str, Any], str | None]:
+          settings: Settings) -> tuple[dict[str, Any], Chain | None]:
     """Rejection sampling for one question: ``(manifest entry, kept chain or None)``."""
     chains: Counter[str] = Counter()
     reason: str | None = None
@@ -131,43 +140,15 @@ def solve(q: Question, teacher: Teacher, checker: ChainChecker,
             return {**base, "outcome": "rejected", "reason": "teacher_error",
                     "rounds": rnd, "chains": dict(chains)}, None
         for response in responses:
-            verdict = checker.check(response.strip(), q.record)
+            verdict = checker.check(response.strip(), q.record, q.images)
             chains[verdict.reason or "kept"] += 1
             if verdict.ok:
                 return {**base, "outcome": "kept", "round": rnd, "tokens": verdict.tokens,
-                        "reflections": verdict.reflections, "chains": dict(chains)}, response.strip()
+                        "length": verdict.length, "reflections": verdict.reflections,
+                        "chains": dict(chains)}, Chain(response.strip())
             reason = furthest(reason, verdict.reason or "")
     return {**base, "outcome": "rejected", "reason": reason or "no_response",
             "rounds": settings.rounds, "chains": dict(chains)}, None
-
-
-def continue_after_image(q: Question, teacher: Teacher, checker: ChainChecker, settings: Settings,
-                         dvr: DVRTransform) -> tuple[dict[str, Any], str | None]:
-    """Offline DVR for one kept chain: ``(manifest entry, prefix + bridge + continuation or None)``."""
-    response = q.record.response
-    (injection,) = dvr.plan(q.key, response, epoch=0)
-    prefix = response[: injection.offset]
-    lead = prefix + ("" if not prefix or prefix[-1].isspace() else " ") + injection.bridge
-    prompt = f"{settings.prompt(q.record.question)}\n\n{CONTINUE_INSTRUCTION}\n{lead}"
-    base = {"key": q.key, "label": q.label, "offset": injection.offset, "bridge": injection.bridge}
-    try:
-        (continuation,) = teacher.generate(prompt, q.images, n=1, temperature=0.0,
-                                           max_tokens=settings.max_new_tokens,
-                                           seed=stable_seed(settings.seed, q.key, "dvr"))
-    except TeacherRequestError as e:
-        print(f"distill: dvr {q.key}: teacher refused: {e}", file=sys.stderr)
-        return {**base, "outcome": "rejected", "reason": "teacher_error"}, None
-    full = f"{lead} {continuation.strip()}"
-    verdict = checker.check(full, q.record)
-    reason = verdict.reason
-    if reason is None and checker.config.require_final_answer and not strict_answer(continuation):
-        # The prefix may already hold the answer (a reflection after it): the regenerated part
-        # must state it again, or nothing was checked.
-        reason = "no_final_answer"
-    if reason is not None:
-        return {**base, "outcome": "rejected", "reason": reason}, None
-    return {**base, "outcome": "kept", "tokens": verdict.tokens,
-            "reflections": verdict.reflections}, full
 
 
 # --- orchestration -----------------------------------------------------------------------------
@@ -208,9 +189,10 @@ def run_stage(name: str, items: Iterator[tuple[str, Question | Skip]], work: Cal
               key_suffix: str = "") -> Counter[str]:
     """Feed the questions not done yet to ``work`` and write its results in input order.
 
-    ``work(question) -> (manifest entry, chain or None)``; a chain is written as the question's
-    record with that response, under the key ``sample_key(question.key) + key_suffix``. Invalid
-    items are reported on stderr and counted by reason (returned).
+    ``work(question) -> (manifest entry, Chain or None)``; a chain is written as the question's
+    record with its response and bridge spans (none but offline DVR's), under the key
+    ``sample_key(question.key) + key_suffix``. Invalid items are reported on stderr and counted by
+    reason (returned).
     """
     invalid: Counter[str] = Counter()
     bar = _progress(name, progress)
@@ -236,12 +218,13 @@ def run_stage(name: str, items: Iterator[tuple[str, Question | Skip]], work: Cal
             invalid[q.reason] += 1
             print(f"{name}: skip input item {label}: {q}", file=sys.stderr)
             continue
-        entry, response = result
-        if response is None:
+        entry, kept = result
+        if kept is None:
             output.add_rejected(entry)
         else:
             key = sample_key(q.key) + key_suffix
-            record = dataclasses.replace(q.record, id=key, response=response)
+            record = dataclasses.replace(q.record, id=key, response=kept.text,
+                                         bridge_spans=kept.bridge_spans)
             output.add_kept({**entry, "sample": key}, key, record, q.images)
         n += 1
         if bar is not None:
@@ -264,9 +247,13 @@ def distill(args: argparse.Namespace, teacher: Teacher | None = None) -> dict[st
         raise ValueError("pass --tokenizer DIR (the target model's) to measure chain lengths, or "
                          "--tokenizer words for a rough whitespace count")
     # Everything cheap is checked before the teacher (possibly a 72B model) is loaded.
+    shape = TrainingShape(args.max_length, args.min_pixels, args.max_pixels,
+                          args.dvr_max_injections, args.dvr_pool_kernel, args.question_suffix)
+    measures = load_measures(tokenizer, shape)
     checker = ChainChecker(
-        FilterConfig(args.min_tokens, args.max_tokens, args.max_reflections, args.require_final_answer),
-        load_token_counter(tokenizer),
+        FilterConfig(args.min_tokens, args.max_tokens, args.max_reflections, args.require_final_answer,
+                     max_length=args.max_length),
+        measures.count_tokens, measures.training_length, measures.control,
     )
     prefix, manifest_name, report_name = output_names(args.prefix, args.shard_index, args.num_shards)
     manifest = out / manifest_name
@@ -282,7 +269,7 @@ def distill(args: argparse.Namespace, teacher: Teacher | None = None) -> dict[st
     started = time.monotonic()
     maxsize = args.max_shard_mb << 20
     questions = iter_questions(args.format, args.input, args.image_root, args.shard_index,
-                               args.num_shards)
+                               args.num_shards, measures.control)
     with ResumableOutput(out, prefix, out / manifest_name, args.samples_per_shard, maxsize) as main:
         invalid = run_stage("distill", questions, lambda q: solve(q, teacher, checker, settings),
                             main, args.concurrency, args.progress)
@@ -294,7 +281,8 @@ def distill(args: argparse.Namespace, teacher: Teacher | None = None) -> dict[st
                              maxsize) as side:
             kept = iter_records(main.shards)
             unreadable = run_stage(
-                "dvr", kept, lambda q: continue_after_image(q, teacher, checker, settings, dvr),
+                "dvr", kept, lambda q: continue_after_image(
+                    q, teacher, checker, settings, dvr, stable_seed(settings.seed, q.key, "dvr")),
                 side, args.concurrency, args.progress, key_suffix="-dvr",
             )
         report["dvr"] = build_report(side, unreadable)
@@ -308,85 +296,6 @@ def distill(args: argparse.Namespace, teacher: Teacher | None = None) -> dict[st
 
 
 # --- CLI ---------------------------------------------------------------------------------------
-
-# Real defaults live here, not in argparse: every flag parses to None when absent, so a config
-# file can fill exactly the flags that the command line did not give.
-DEFAULTS: dict[str, Any] = {}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    def a(flag: str, default: Any = None, **kwargs: Any) -> None:
-        DEFAULTS[flag[2:].replace("-", "_")] = default
-        if default not in (None, False, ""):
-            kwargs["help"] += f" (default: {default})"
-        parser.add_argument(flag, default=None, **kwargs)
-
-    a("--config", type=Path, help="YAML (or .json) file of flag values; command-line flags win")
-    a("--format", "records", choices=["records", "sharegpt", "mathvista", "mathvision"],
-      help="input format")
-    a("--input", help="input file (records: shard directory, glob or brace pattern); required")
-    a("--image-root", type=Path, help="directory image paths are relative to (default: the input "
-      "file's directory)")
-    a("--out", type=Path, help="output directory; required")
-    a("--teacher", help="local:MODEL_DIR, openai:BASE_URL or scripted:FILE; required")
-    a("--model", "default", help="model name sent to an openai: teacher")
-    a("--dtype", "float32", help="local: teacher dtype (float32, bfloat16, float16)")
-    a("--device", help="local: teacher device, e.g. cuda (default: cpu)")
-    a("--rounds", 2, type=int, help="round 1 greedy, later rounds best-of-N sampling")
-    a("--best-of", 8, type=int, help="N: samples per later round")
-    a("--temperature", 1.0, type=float, help="sampling temperature of later rounds")
-    a("--max-new-tokens", 8192, type=int, help="teacher generation limit")
-    a("--seed", 0, type=int, help="base seed (mixed with each question key and round)")
-    a("--instruction", TVC_INSTRUCTION, help="appended to the question sent to the teacher")
-    a("--tokenizer", help="target model's tokenizer dir for lengths, or 'words' (default for "
-      "local: the teacher's)")
-    a("--min-tokens", 200, type=int, help="shortest chain kept (0: no bound)")
-    a("--max-tokens", 8000, type=int, help="longest chain kept (0: no bound)")
-    a("--max-reflections", 25, type=int, help="most reflection words kept (-1: no bound)")
-    a("--require-final-answer", True, action=argparse.BooleanOptionalAction,
-      help="reject chains without a \\boxed{}/'answer is' final answer")
-    a("--offline-dvr", False, action="store_true", help="also write DVR continuations to OUT/dvr/")
-    a("--concurrency", 8, type=int, help="questions in flight at once")
-    a("--timeout", 600.0, type=float, help="openai: seconds per request")
-    a("--retries", 4, type=int, help="openai: retries with exponential backoff")
-    a("--shard-index", 0, type=int, help="this job's partition of the input")
-    a("--num-shards", 1, type=int, help="number of partitions (jobs)")
-    a("--prefix", "distill", help="shard name prefix")
-    a("--samples-per-shard", 1000, type=int, help="shard size bound")
-    a("--max-shard-mb", 1024, type=int, help="shard size bound (MiB)")
-    a("--progress", True, action=argparse.BooleanOptionalAction, help="progress bar on stderr")
-
-
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the flags not given from ``--config``, then from :data:`DEFAULTS`; validate."""
-    if args.config is not None:
-        text = Path(args.config).read_text(encoding="utf-8")
-        if args.config.suffix == ".json":
-            values = json.loads(text)
-        else:
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{args.config}: expected a mapping of flag names to values")
-        for name, value in values.items():
-            dest = str(name).replace("-", "_")
-            if dest == "config" or dest not in DEFAULTS:
-                raise ValueError(f"{args.config}: unknown key {name!r}")
-            if getattr(args, dest) is None:
-                setattr(args, dest, Path(value) if dest in ("out", "image_root") else value)
-    for dest, default in DEFAULTS.items():
-        if getattr(args, dest, None) is None:
-            setattr(args, dest, default)
-    missing = [f"--{n}" for n in ("input", "out", "teacher") if getattr(args, n) is None]
-    if missing:
-        raise ValueError(f"missing {', '.join(missing)} (flag or config key)")
-    if not 0 <= args.shard_index < args.num_shards:
-        raise ValueError(f"need 0 <= --shard-index < --num-shards, got {args.shard_index}, "
-                         f"{args.num_shards}")
-    if args.rounds < 1 or args.best_of < 1 or args.concurrency < 1:
-        raise ValueError("--rounds, --best-of and --concurrency must be >= 1")
-    return args
 
 
 def run(args: argparse.Namespace, teacher: Teacher | None = None) -> int:

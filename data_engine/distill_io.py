@@ -31,6 +31,14 @@ class Question:
     images: list[bytes]  # as read: JPEG/PNG bytes pass into the output shards unchanged
 
 
+@dataclass(frozen=True)
+class Chain:
+    """A kept chain: the response and, for offline DVR, its bridge spans (the image follows each)."""
+
+    text: str
+    bridge_spans: tuple[tuple[int, int], ...] | None = None
+
+
 def stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
 
@@ -51,21 +59,30 @@ def sample_key(key: str) -> str:
     return f"{clean}-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:10]}"
 
 
-def _question(label: str, record: SampleRecord, images: list[bytes]) -> Question | Skip:
+def _question(label: str, record: SampleRecord, images: list[bytes],
+              control: re.Pattern[str] | None = None) -> Question | Skip:
     if not record.answer.strip():
         return Skip("no_gold_answer", "the record has no gold answer to check chains against")
+    if not images:
+        return Skip("no_image", "training skips samples without an image")
+    found = control.search(record.question) if control is not None else None
+    if found:
+        # Training skips such text (it would act as the real token); the teacher never sees it.
+        return Skip("control_token", f"the question holds the control-token text {found.group()!r}")
     return Question(label, record.id, record, images)
 
 
 def iter_questions(fmt: str, input_spec: str | Path, image_root: Path | None, index: int = 0,
-                   count: int = 1) -> Iterator[tuple[str, Question | Skip]]:
+                   count: int = 1, control: re.Pattern[str] | None = None,
+                   ) -> Iterator[tuple[str, Question | Skip]]:
     """``(label, Question)`` for the items of partition ``index``/``count``, ``(label, Skip)``
-    for bad ones. The partition is decided on the label before any image is read."""
+    for bad ones (``control`` matches the control-token text a question must not hold). The
+    partition is decided on the label before any image is read."""
     if fmt == "records":
         urls = resolve_urls(str(input_spec))
 
         def records() -> Iterator[tuple[str, Question | Skip]]:
-            for label, q in _iter_shards(urls):
+            for label, q in _iter_shards(urls, control):
                 if in_partition(label.rsplit(":", 1)[-1], index, count):
                     yield label, q
 
@@ -80,12 +97,13 @@ def iter_questions(fmt: str, input_spec: str | Path, image_root: Path | None, in
 
     def converted() -> Iterator[tuple[str, Question | Skip]]:
         for label, item in items:
-            yield label, item if isinstance(item, Skip) else _question(label, *item)
+            yield label, item if isinstance(item, Skip) else _question(label, *item, control)
 
     return converted()
 
 
-def _iter_shards(urls: Sequence[str]) -> Iterator[tuple[str, Question | Skip]]:
+def _iter_shards(urls: Sequence[str], control: re.Pattern[str] | None = None,
+                 ) -> Iterator[tuple[str, Question | Skip]]:
     """Decode shard samples with the training reader's checks; the label is ``shard:key``."""
     counter = SkipCounter()
     for url in urls:
@@ -101,7 +119,7 @@ def _iter_shards(urls: Sequence[str]) -> Iterator[tuple[str, Question | Skip]]:
                 continue
             record, _ = decoded
             images = [sample[name] for name in image_members(sample)]
-            yield label, _question(label, record, images)
+            yield label, _question(label, record, images, control)
         if counter.as_dict()["bad_tar"] > bad_tars:
             yield Path(url).name, Skip("bad_tar", "unreadable or truncated shard; its rest skipped")
 
@@ -139,7 +157,9 @@ def check_partitioning(out: Path, index: int, count: int) -> None:
 # sizes, progress, --offline-dvr, which adds a stage beside them) can change between restarts.
 OUTPUT_SETTINGS = ("format", "input", "image_root", "teacher", "model", "dtype", "rounds", "best_of",
                    "temperature", "max_new_tokens", "seed", "instruction", "tokenizer", "min_tokens",
-                   "max_tokens", "max_reflections", "require_final_answer", "prefix")
+                   "max_tokens", "max_reflections", "require_final_answer", "prefix", "max_length",
+                   "min_pixels", "max_pixels", "dvr_max_injections", "dvr_pool_kernel",
+                   "question_suffix")
 
 
 def _normalized(value: Any) -> Any:

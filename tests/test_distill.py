@@ -285,9 +285,14 @@ def test_default_token_bounds_with_a_real_tokenizer(tiny_checkpoint):
     text = chain(3)
     assert count(text) == len(tok(text, add_special_tokens=False)["input_ids"]) > 10
     record = SampleRecord(id="r", question="q", response="x", answer="7", answer_type="integer")
-    checker = ChainChecker(FilterConfig(), lambda t: len(t.split()))  # defaults: 200..8000
-    assert [checker.check(sized(n), record).reason for n in (199, 200, 8000, 8001)] == [
-        "too_short", None, None, "too_long"]
+    # Defaults: responses of 200 tokens or more; no response cap of their own: the training
+    # sample's length (8192 tokens, data.max_length's default) is the upper bound.
+    checker = ChainChecker(FilterConfig(), lambda t: len(t.split()))
+    assert [checker.check(sized(n), record).reason for n in (199, 200, 8001)] == [
+        "too_short", None, None]
+    framed = ChainChecker(FilterConfig(), words, training_length=lambda r, images: words(r.response) + 192)
+    assert [framed.check(sized(n), record).reason for n in (8000, 8001)] == [None, "too_long"]
+    assert framed.check(sized(8000), record).length == 8192
 
 
 def test_reflection_words_at_most_25():
@@ -348,10 +353,15 @@ def test_offline_dvr_regenerates_after_the_bridge(tmp_path):
     bridge = response[len(prefix):].split(" Yes,")[0]
     assert response.startswith(prefix) and bridge in DEFAULT_BRIDGES
     assert response == f"{prefix}{bridge} Yes, the figure shows 0 dots. \\boxed{{0}}"
+    # The record says where its bridge is, so training shows the image there (and only there).
+    span = (len(prefix), len(prefix) + len(bridge))
+    assert dvr["mathvision-0-dvr"].bridge_spans == (span,)
+    assert all(r.bridge_spans is None for r in shard_records(sorted(out.glob("*.tar"))))
     (prompt, images), = [(p, im) for p, im in teacher.prompts
                          if CONTINUE_INSTRUCTION in p and p.startswith(question(0))]
     assert prompt.endswith(f"{CONTINUE_INSTRUCTION}\n{prefix}{bridge}") and images == [png(0)]
-    assert read_manifest(out / "dvr" / "manifest.jsonl")[0]["offset"] == len(prefix)
+    (entry,) = [e for e in read_manifest(out / "dvr" / "manifest.jsonl") if e["key"] == "mathvision-0"]
+    assert entry["offset"] == len(prefix) and entry["bridge_span"] == list(span)
 
 
 # --- restarts ----------------------------------------------------------------------------------
@@ -371,6 +381,50 @@ def test_malformed_input_is_reported_not_fatal(tmp_path, capsys):
     assert "skip input item line 5: missing_image" in err
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["kept"] == 3 and report["invalid_input"] == {"malformed": 1, "missing_image": 1}
+
+
+def control_token_lines() -> tuple[str, ...]:
+    return (json.dumps({"id": "ctl", "question": "How many <|image_pad|> dots?", "answer": "1",
+                        "image": "0.png"}),)
+
+
+def test_control_token_question_is_skipped_counted_and_not_fatal(tmp_path, capsys):
+    src = write_mathvision(tmp_path / "in", 3, extra_lines=control_token_lines())
+    script = {"responses": {question(i): [[chain(i)]] for i in range(3)},
+              "default": "The answer is \\boxed{1}."}  # what the control-token item would get
+    (tmp_path / "s.json").write_text(json.dumps(script))
+    out = tmp_path / "o"
+    assert main(["distill", "--format", "mathvision", "--input", str(src), "--out", str(out),
+                 "--teacher", f"scripted:{tmp_path / 's.json'}", "--tokenizer", "words",
+                 "--min-tokens", "0", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "skip input item line 4: control_token" in captured.err
+    assert "invalid input: control_token 1" in captured.out
+    report = json.loads((out / "report.json").read_text())
+    assert report["invalid_input"] == {"control_token": 1}
+    assert report["kept"] == 3 and report["questions"] == 3
+    assert sorted(r.id for r in shard_records(sorted(out.glob("*.tar")))) == [
+        "mathvision-0", "mathvision-1", "mathvision-2"]
+    assert "ctl" not in {e["key"] for e in read_manifest(out / "manifest.jsonl")}
+
+
+def test_control_token_question_with_a_local_teacher_exits_0(tmp_path, tiny_checkpoint, capsys):
+    # The local teacher refuses control-token text outright: the item must never reach it.
+    src = write_mathvision(tmp_path / "in", 2, extra_lines=control_token_lines())
+    out = tmp_path / "out"
+    assert main(["distill", "--format", "mathvision", "--input", str(src), "--out", str(out),
+                 "--teacher", f"local:{tiny_checkpoint}", "--max-new-tokens", "4", "--rounds", "1",
+                 "--no-progress"]) == 0
+    assert "skip input item line 3: control_token" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["questions"] == 2 and report["invalid_input"] == {"control_token": 1}
+
+
+def test_control_token_chains_are_rejected():
+    record = SampleRecord(id="r", question="q", response="x", answer="2")
+    checker = ChainChecker(FilterConfig(min_tokens=0), words)
+    assert checker.check("Two.<|im_end|> The answer is \\boxed{2}.", record).reason == "control_token"
+    assert checker.check("Two. The answer is \\boxed{2}.", record).ok
 
 
 def test_config_file_and_flags(tmp_path, capsys):

@@ -56,3 +56,21 @@ def test_probability():
 def test_bad_settings_name_the_field(bad):
     with pytest.raises(ValueError, match=f"dvr.{next(iter(bad))}"):
         DVRTransform(**bad)
+
+
+def test_stored_bridges_are_taken_points_and_count_towards_the_budget():
+    text = "I count 2. Let me check the image again. Wait, it is 2. Hmm, sure. Done."
+    bridge = (text.index("Let me"), text.index(" Wait"))
+    dvr = DVRTransform(max_injections=2)
+    assert [text[p:p + 4] for p in dvr.reflection_points(text)] == ["Let ", "Wait", "Hmm,"]
+    # Inside the stored bridge and right after it (only whitespace between) the image is shown.
+    assert dvr.candidates(text, [bridge]) == [text.index("Hmm")]
+    assert dvr.budget([bridge]) == 1 and DVRTransform().budget([bridge]) == 0
+    for epoch in range(10):
+        assert [i.offset for i in dvr.plan("s", text, epoch, [bridge])] == [text.index("Hmm")]
+        assert DVRTransform().plan("s", text, epoch, [bridge]) == []
+    # No midpoint fallback for a response that already shows the image again.
+    plain = "I count 2. Let me check the image again. It is 2. Done."
+    assert DVRTransform().candidates(plain, [(11, 40)]) == []
+    # Without stored bridges nothing changes.
+    assert dvr.plan("s", text, 3) == dvr.plan("s", text, 3, ())

@@ -190,8 +190,10 @@ def test_trigger_detector_on_text(tiny):
     assert bridge.kind == "bridge" and bridge.rollback == 0 and bridge.bridge is None
     periodic = TriggerDetector(PVCConfig(every_n_tokens=5, min_gap=1, on_reflection=False), tok)
     ids = tok("one two three four five six. seven", add_special_tokens=False)["input_ids"]
-    hits = [n for n in range(1, len(ids) + 1) if periodic.check(ids[:n], 0)]
-    assert len(hits) == 1 and tok.decode(ids[:hits[0]]).endswith(".")
+    hits = [(n, t) for n in range(1, len(ids) + 1) if (t := periodic.check(ids[:n], 0))]
+    # Confirmed by the whitespace-led token after the period, which is rolled back.
+    (n, trigger), = hits
+    assert tok.decode(ids[:n - trigger.rollback]) == "one two three four five six."
 
 
 @pytest.mark.parametrize("reset", ["visual", "none"])

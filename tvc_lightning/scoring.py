@@ -3,13 +3,16 @@
 Three layers, used the same way for synthetic validation samples and for converted benchmark
 records (see ``docs/method.md`` §3):
 
-1. :func:`extract_answer` — rule-based extraction of the final answer from a free-text response
-   (no LLM): the last ``\\boxed{...}``, then "... answer is X", then "Answer: X", then (multiple
-   choice only) the last standalone option letter, then the last number.
+1. :func:`extract_answer` / :func:`extract_answer_with_method` — rule-based extraction of the
+   final answer from a free-text response (no LLM), defined in :mod:`tvc_lightning.extraction`
+   and re-exported here: the last ``\\boxed{...}``, then "... answer is X", then "Answer: X",
+   then (multiple choice only) a leading yes/no or the last standalone option letter, then the
+   last list or number; the ``_with_method`` variant also names the rule that fired.
 2. :func:`normalize_extracted` / :func:`score_mathvista` — MathVista's official normalisation and
    string-equality score, reproduced exactly (the stored ``true_false`` flags of a MathVista
    results file are regression vectors for it, see ``tests/test_scoring.py``).
-3. :func:`score_record` — a slightly stricter, type-aware scorer for :class:`SampleRecord`
+3. :func:`score_record` (and :func:`score_record_detailed`, which adds the extraction method) —
+   a slightly stricter, type-aware scorer for :class:`SampleRecord`
    (numeric comparison, letters-only MathVision choices, empty answers score wrong), plus the
    :class:`AnswerAccuracy` metric that accumulates its flags across steps and ranks.
 """
@@ -19,170 +22,40 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torchmetrics import Metric
+
+from tvc_lightning.extraction import (
+    Extraction,
+    _letter_of,
+    _match_choice_text,
+    _strip_wrapping,
+    _text_key,
+    _to_number,
+    boxed_contents,
+    extract_answer,
+    extract_answer_with_method,
+)
 
 if TYPE_CHECKING:
     from tvc_lightning.data.schema import SampleRecord
 
 __all__ = [
     "AnswerAccuracy",
+    "Extraction",
+    "RecordScore",
     "boxed_contents",
     "edit_distance",
     "extract_answer",
+    "extract_answer_with_method",
     "nearest_choice",
     "normalize_extracted",
     "score_mathvista",
     "score_record",
+    "score_record_detailed",
 ]
-
-# --- extraction --------------------------------------------------------------------------------
-
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-# The phrases match only the lead-in, not the answer after it: a greedy capture would swallow a
-# later restatement on the same line and finditer() would never see it as the last occurrence.
-# "the answer is", "final answer is", "the correct answer is"; \s* after the colon may cross a
-# newline, so "The final answer is:\n\n(B)" still finds "(B)".
-_ANSWER_IS = re.compile(r"\banswer\s+is\b[ \t]*[:：]?\s*", re.IGNORECASE)
-# "Answer: X", "Final answer: X", "**Answer:** X", "**Answer**: X".
-_ANSWER_COLON = re.compile(r"\banswer\b[ \t]*\**[ \t]*[:：]\s*", re.IGNORECASE)
-# A full stop followed by whitespace ends the sentence; a decimal point ("12.5") is never followed
-# by whitespace, so it survives.
-_SENTENCE_END = re.compile(r"\.(?=\s)")
-_OPTION_LETTER = re.compile(
-    r"\(([A-Z])\)"  # (B)
-    r"|(?i:\b(?:option|choice))\s*[:：]?\s*\(?([A-Z])\b"  # option B, choice (B)
-    r"|(?<![\w(])([A-Z])[.:)](?=\s|$)"  # "B." "B:" "B)" as a word of their own
-)
-# A candidate that *starts* with an option letter: "(B) 12", "B", "B. 12", "B: 12".  A bare capital
-# followed by a space is not taken ("A triangle" is a text answer, not option A).
-_LEADING_LETTER = re.compile(r"^\(([A-Za-z])\)|^([A-Z])(?:[.:)]|$)")
-_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
-_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+")
-
-
-def boxed_contents(text: str) -> list[str]:
-    """The stripped contents of every balanced ``\\boxed{...}`` (or ``\\fbox{...}``), in order.
-
-    Braces nest (``\\boxed{\\frac{1}{2}}``) and escaped braces (``\\{``) are ignored; an unclosed
-    box is skipped rather than swallowing the rest of the text.
-    """
-    found = []
-    for m in _BOXED.finditer(text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            c = text[i]
-            if c == "\\":
-                i += 2  # an escaped character never opens or closes a group
-                continue
-            depth += {"{": 1, "}": -1}.get(c, 0)
-            i += 1
-        if depth == 0:
-            found.append(text[m.end() : i - 1].strip())
-    return found
-
-
-def _strip_wrapping(answer: str) -> str:
-    """Drop whitespace, Markdown bold, a sentence's full stop, ``$``/``\\(...\\)`` math wrapping
-    and a ``\\text{...}`` around the whole answer."""
-    previous = None
-    while answer != previous:  # "**$7$**." needs several passes, in no fixed order
-        previous = answer
-        answer = answer.strip().strip("*").strip().rstrip(".").strip().strip("$").strip()
-        if answer.startswith("\\(") and answer.endswith("\\)"):
-            answer = answer[2:-2]
-        wrapped = _TEXT_WRAPPER.fullmatch(answer)  # \boxed{\text{B}} is a plain "B"
-        if wrapped:
-            answer = wrapped.group(1)
-    return answer
-
-
-def _phrase_answer(pattern: re.Pattern[str], response: str) -> str:
-    """The cleaned text after the last match of ``pattern``, up to the end of its sentence/line."""
-    matches = list(pattern.finditer(response))
-    if not matches:
-        return ""
-    text = response[matches[-1].end() :].split("\n", 1)[0]
-    end = _SENTENCE_END.search(text)
-    return _strip_wrapping(text[: end.start()] if end else text)
-
-
-def _letter_of(candidate: str, n_choices: int) -> str | None:
-    """The option letter a candidate starts with ("(b) 12" -> "B"), if it is within range."""
-    m = _LEADING_LETTER.match(candidate.strip())
-    if not m:
-        return None
-    letter = (m.group(1) or m.group(2)).upper()
-    return letter if ord(letter) - ord("A") < n_choices else None
-
-
-def _match_choice_text(candidate: str, choices: Sequence[str]) -> str | None:
-    """The choice equal to ``candidate`` verbatim, else ignoring case and wrapping; else None."""
-    if candidate in choices:
-        return candidate
-    key = _text_key(candidate)
-    return next((c for c in choices if _text_key(c) == key), None)
-
-
-def extract_answer(response: str, choices: Sequence[str] | None = None) -> str:
-    """The final answer of a response, by rules (no LLM); ``""`` when nothing is found.
-
-    Rules in priority order (the first that yields a non-empty answer wins, and within a rule the
-    *last* occurrence counts, since models restate and correct themselves):
-
-    0. (multiple choice) the whole response is one of ``choices`` -> itself (MathVista's rule);
-    1. the last ``\\boxed{...}``;
-    2. "... answer is X" (also "final answer is", "correct answer is");
-    3. "Answer: X";
-    4. (multiple choice) the last standalone option letter: "(B)", "option B", "B." / "B:" / "B)";
-    5. the last number ("1,234" -> "1234").
-
-    For rules 2–3 the answer runs to the end of its sentence or line, without a trailing full
-    stop, ``$`` or ``**``. With ``choices``, an answer of rules 1–3 that names a choice (ignoring
-    case) becomes that choice, and one that starts with an in-range option letter ("(B) 12",
-    "B.") becomes the bare letter, which :func:`normalize_extracted` maps to the choice.
-    """
-    response = response.strip()
-    if not response:
-        return ""
-    choices = [str(c) for c in choices] if choices else None
-    if choices and response in choices:
-        return response
-
-    boxed = [b for b in boxed_contents(response) if _strip_wrapping(b)]
-    for candidate in (
-        _strip_wrapping(boxed[-1]) if boxed else "",
-        _phrase_answer(_ANSWER_IS, response),
-        _phrase_answer(_ANSWER_COLON, response),
-    ):
-        if not candidate:
-            continue
-        if choices:
-            named = _match_choice_text(candidate, choices)
-            if named is not None:
-                return named
-            letter = _letter_of(candidate, len(choices))
-            if letter is not None:
-                return letter
-        return candidate
-
-    if choices:
-        in_range = {chr(ord("A") + i) for i in range(len(choices))}
-        letters = [
-            next(g for g in m.groups() if g)
-            for m in _OPTION_LETTER.finditer(response)
-            if next(g for g in m.groups() if g) in in_range
-        ]
-        if letters:
-            return letters[-1]
-        if _strip_wrapping(response) in in_range:  # a bare one-letter response, maybe "**B**"
-            return _strip_wrapping(response)
-
-    numbers = _NUMBER.findall(response)
-    return numbers[-1].replace(",", "") if numbers else ""
-
 
 # --- MathVista's official normalisation --------------------------------------------------------
 
@@ -270,47 +143,6 @@ def score_mathvista(extraction: Any, item: dict[str, Any]) -> bool:
 
 # --- scoring the project's own records ---------------------------------------------------------
 
-# Spacing commands, currency/percent/degree signs and \text{unit}s, which never change the number.
-_UNIT_NOISE = re.compile(
-    r"\\[,!;: ]|\\?\$|\\?%|°|\^\s*\{?\\circ\}?|\\text\s*\{[^{}]*\}|\\mathrm\s*\{[^{}]*\}"
-)
-_NUM = r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
-# A unit is words of letters with an optional exponent ("cm^2", "m/s^2", "square meters"), never
-# more numbers or operators, so "3 + 4" and "2 x 3" are not read as 3 and 2.
-_UNIT_WORD = r"[^\W\d_]+(?:\^\{?-?\d\}?)?"
-_LEADING_NUMBER = re.compile(
-    rf"(?:[A-Za-z]\w*\s*=\s*)?({_NUM})(?:\s*{_UNIT_WORD}(?:\s*/\s*{_UNIT_WORD}|\s+{_UNIT_WORD})*)?"
-)
-_FRACTION = re.compile(rf"({_NUM})\s*/\s*({_NUM})")
-_LATEX_FRACTION = re.compile(rf"-?\\d?frac\s*\{{\s*({_NUM})\s*\}}\s*\{{\s*({_NUM})\s*\}}")
-
-
-def _text_key(text: str) -> str:
-    """Free-form text as compared: no wrapping, whitespace collapsed, case-folded."""
-    return " ".join(_strip_wrapping(text).split()).casefold()
-
-
-def _to_number(text: str) -> float | None:
-    """A number from an answer string: ``"1,234"``, ``"$13.00"``, ``"45°"``, ``"3/4"``,
-    ``"\\frac{3}{4}"``, ``"x = 2"``, ``"12 cm"``; None when it is not one number."""
-    text = _UNIT_NOISE.sub("", _strip_wrapping(text))
-    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text).strip()  # thousands separators only
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    for pattern in (_LATEX_FRACTION, _FRACTION):
-        m = pattern.fullmatch(text)
-        if m:
-            numerator, denominator = float(m.group(1)), float(m.group(2))
-            if denominator == 0:
-                return None
-            value = numerator / denominator
-            return -value if text.startswith("-\\") else value
-    m = _LEADING_NUMBER.fullmatch(text)  # a number followed by a unit word
-    return float(m.group(1)) if m else None
-
-
 def _numbers_equal(predicted: float, answer: float, answer_type: str, precision: int | None) -> bool:
     if not (math.isfinite(predicted) and math.isfinite(answer)):
         return False
@@ -333,8 +165,27 @@ def _choice_index(text: str, choices: Sequence[str], fuzzy: bool) -> int | None:
     return list(choices).index(nearest_choice(text, choices)) if fuzzy else None
 
 
+class RecordScore(NamedTuple):
+    """One scored response: what was extracted, whether it is right, and which rule extracted it
+    (an :func:`extract_answer_with_method` method name)."""
+
+    extracted: str
+    correct: bool
+    method: str
+
+
 def score_record(response: str, record: SampleRecord) -> tuple[str, bool]:
-    """``(extracted, correct)`` for a model's ``response`` to a :class:`SampleRecord`.
+    """``(extracted, correct)`` for a model's ``response`` to a :class:`SampleRecord`; see
+    :func:`score_record_detailed`, which also returns the extraction method."""
+    scored = score_record_detailed(response, record)
+    return scored.extracted, scored.correct
+
+
+def score_record_detailed(response: str, record: SampleRecord) -> RecordScore:
+    """:class:`RecordScore` for a model's ``response`` to a :class:`SampleRecord`.
+
+    The answer is extracted knowing the record's choices and answer type (an integer answer
+    stated in a sentence is taken as its number; a list answer is never one number).
 
     * multiple choice: the extraction and the answer each designate a choice (by text, by option
       letter, and — for the extraction, when the choices are real texts — by MathVista's
@@ -347,11 +198,18 @@ def score_record(response: str, record: SampleRecord) -> tuple[str, bool]:
       numerically equal when both sides are numbers.
 
     An empty extraction always scores wrong (MathVista's official rule would map it to the
-    shortest choice and sometimes credit it).
+    shortest choice and sometimes credit it), and so does a statement that none of the choices
+    fits (which MathVista would map to the nearest choice by edit distance).
     """
-    extracted = extract_answer(response, record.choices)
-    if not extracted:
-        return extracted, False
+    extracted, method = extract_answer_with_method(response, record.choices, record.answer_type)
+    correct = _judge(extracted, method, record)
+    return RecordScore(extracted, correct, method)
+
+
+def _judge(extracted: str, method: str, record: SampleRecord) -> bool:
+    """Whether an extraction (found by ``method``) answers ``record`` correctly."""
+    if not extracted or method.endswith("none_of_choices"):
+        return False
     answer, answer_type, precision = record.answer, record.answer_type, record.precision
 
     if record.choices:
@@ -359,22 +217,22 @@ def score_record(response: str, record: SampleRecord) -> tuple[str, bool]:
         fuzzy = not all(len(c.strip()) == 1 for c in choices)
         want = _choice_index(answer, choices, fuzzy=False)
         if want is None:  # an answer outside the choices: compare as text
-            return extracted, _text_key(extracted) == _text_key(answer)
-        return extracted, _choice_index(extracted, choices, fuzzy) == want
+            return _text_key(extracted) == _text_key(answer)
+        return _choice_index(extracted, choices, fuzzy) == want
 
     if answer_type == "list":
 
         def key(s: str) -> str:
             return re.sub(r"\s+", "", _strip_wrapping(s)).strip("[]()").casefold()
 
-        return extracted, key(extracted) == key(answer)
+        return key(extracted) == key(answer)
 
     predicted, expected = _to_number(extracted), _to_number(answer)
     if answer_type in ("integer", "float") or (predicted is not None and expected is not None):
         if predicted is None or expected is None:
-            return extracted, False
-        return extracted, _numbers_equal(predicted, expected, answer_type, precision)
-    return extracted, _text_key(extracted) == _text_key(answer)
+            return False
+        return _numbers_equal(predicted, expected, answer_type, precision)
+    return _text_key(extracted) == _text_key(answer)
 
 
 # --- metric ------------------------------------------------------------------------------------

@@ -68,8 +68,53 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 640) -> Any:
-    """A Qwen2-style byte-level BPE tokenizer with Qwen2-VL's special tokens and chat template."""
+def long_cot_corpus(paragraphs: int = 400, seed: int = 0) -> list[str]:
+    """Generated long-CoT text shaped like real chains: paragraphs split by blank lines, decimals,
+    reflection phrases opening sentences and bridging prompts closing paragraphs.
+
+    Trained on it, a byte-level BPE learns the merges that a real Qwen tokenizer has and that
+    character-level reasoning about text gets wrong: ``'.\n\n'`` (a paragraph's last period with
+    its newlines), ``' Wait'``, ``'Wait'`` after a newline, ``'.'`` between digits.
+    """
+    import random
+
+    from tvc_lightning.data.dvr import DEFAULT_BRIDGES, DEFAULT_REFLECTION_PHRASES
+
+    rng = random.Random(seed)
+    nouns = ["circle", "square", "triangle", "bar", "angle", "side", "segment", "area", "point", "label"]
+    colours = ["red", "blue", "green", "yellow", "purple", "orange"]
+
+    def sentence() -> str:
+        n, m = rng.randint(0, 99), rng.randint(0, 9)
+        return rng.choice([
+            f"The {rng.choice(colours)} {rng.choice(nouns)} measures {n}.{m} cm.",
+            f"So there are {n} {rng.choice(nouns)}s in total.",
+            f"Step {rng.randint(1, 9)}: the {rng.choice(nouns)} is {n}.{m} units long.",
+            f"Therefore the answer is {n}.",
+            f"Next, compare the {rng.choice(colours)} one with the {rng.choice(nouns)}.",
+        ])
+
+    text = []
+    for _ in range(paragraphs):
+        parts = [sentence() for _ in range(rng.randint(1, 4))]
+        if rng.random() < 0.4:
+            reflection = f"{rng.choice(DEFAULT_REFLECTION_PHRASES)}, {sentence()}"
+            parts.insert(rng.randint(1, len(parts)), reflection)
+        if rng.random() < 0.3:
+            parts.append(rng.choice(DEFAULT_BRIDGES))
+        text.append(" ".join(parts))
+    return ["\n\n".join(text[i:i + 8]) for i in range(0, len(text), 8)]
+
+
+def build_bpe_tokenizer(vocab_size: int = 1200) -> Any:
+    """The tiny tokenizer's construction trained on :func:`long_cot_corpus`: real BPE merges of
+    long chains (``'.\n\n'``, ``' Wait'``), for tests of text-level logic such as PVC triggers."""
+    return build_tiny_tokenizer(vocab_size, corpus=long_cot_corpus())
+
+
+def build_tiny_tokenizer(vocab_size: int = 640, corpus: list[str] | None = None) -> Any:
+    """A Qwen2-style byte-level BPE tokenizer with Qwen2-VL's special tokens and chat template,
+    trained on a small fixed corpus (or on ``corpus``)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -92,7 +137,7 @@ def build_tiny_tokenizer(vocab_size: int = 640) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(_CORPUS * 4 if corpus is None else corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",

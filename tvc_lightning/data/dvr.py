@@ -4,6 +4,11 @@ The transform works on the response text only: it chooses injection points (refl
 else the reasoning midpoint) and a bridging prompt for each, deterministically for
 ``(seed, epoch, sample id)``. The tokenizer (:mod:`tvc_lightning.data.tokenize`) then writes
 ``bridge + <|vision_start|> pooled image <|vision_end|>`` at each point.
+
+A response may already hold bridges (offline DVR, ``SampleRecord.bridge_spans``): the image is
+shown after each of them whatever ``p`` is (that is the tokenizer's job), they count towards
+``max_injections``, and no new injection is planned inside such a bridge or right after it (the
+bridge opens with a reflection phrase, and one look at the image per point is the method).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 DEFAULT_REFLECTION_PHRASES = [
@@ -29,6 +35,9 @@ DEFAULT_BRIDGES = [
     "Let me check the image again.",
     "Let me look at the figure once more.",
 ]
+
+# The pooling kernel of a re-injected copy unless configured otherwise (TVC's 4x4 pooling).
+DEFAULT_POOL_KERNEL = 4
 
 # A sentence starts at the beginning of the text, after a newline, or after ., ! or ? + spaces.
 _SENTENCE_START = r"(?:^|(?<=\n)|(?<=[.!?])[ \t]+)"
@@ -58,7 +67,7 @@ class DVRTransform:
 
     p: float = 1.0
     max_injections: int = 1
-    pool_kernel: int = 4
+    pool_kernel: int = DEFAULT_POOL_KERNEL
     reflection_phrases: list[str] = field(default_factory=lambda: list(DEFAULT_REFLECTION_PHRASES))
     bridges: list[str] = field(default_factory=lambda: list(DEFAULT_BRIDGES))
     seed: int = 0
@@ -97,18 +106,45 @@ class DVRTransform:
             return len(response)
         return min(starts, key=lambda s: (abs(s - middle), s))
 
+    def budget(self, stored: Sequence[tuple[int, int]] = ()) -> int:
+        """How many injections a plan may add to a response already holding ``stored`` bridges."""
+        return max(0, self.max_injections - len(stored))
+
+    def candidates(self, response: str, stored: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """Offsets a plan draws from: free reflection points, else the midpoint (none if taken).
+
+        A point inside a stored bridge span, or after it with only whitespace between, is taken:
+        the image is already shown there. The midpoint fallback exists so that every sample sees
+        the image once more; a response with stored bridges already does.
+        """
+
+        def taken(point: int) -> bool:
+            return any(start <= point and not response[end:point].strip() for start, end in stored)
+
+        points = [p for p in self.reflection_points(response) if not taken(p)]
+        if points or stored:
+            return points
+        return [self.midpoint(response)]
+
     def _rng(self, sample_id: str, epoch: int) -> random.Random:
         # hashlib, not hash(): Python's str hash is salted per process (and per DataLoader worker).
         digest = hashlib.sha256(f"{self.seed}:{epoch}:{sample_id}".encode()).digest()
         return random.Random(int.from_bytes(digest[:8], "little"))
 
-    def plan(self, sample_id: str, response: str, epoch: int) -> list[Injection]:
-        """The injections for one sample at one epoch, sorted by offset (empty when skipped)."""
+    def plan(
+        self, sample_id: str, response: str, epoch: int, stored: Sequence[tuple[int, int]] = ()
+    ) -> list[Injection]:
+        """The injections for one sample at one epoch, sorted by offset (empty when skipped).
+
+        ``stored``: the response's bridge spans (offline DVR), never planned over (see the module
+        docstring). Without them the draws are those of a response that has none.
+        """
         rng = self._rng(sample_id, epoch)
         if self.p <= 0.0 or rng.random() >= self.p:
             return []
-        points = self.reflection_points(response)
-        if not points:
-            points = [self.midpoint(response)]
-        chosen = sorted(rng.sample(points, min(self.max_injections, len(points))))
+        points = self.candidates(response, stored)
+        budget = self.budget(stored)
+        if not points or not budget:
+            return []
+        chosen = sorted(rng.sample(points, min(budget, len(points))))
         return [Injection(offset, rng.choice(self.bridges)) for offset in chosen]

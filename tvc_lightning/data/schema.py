@@ -4,6 +4,12 @@ A shard sample with key ``K`` holds ``K.json`` (this record) and its images as `
 (one image) or ``K.0.jpg``, ``K.1.png``... (several, in index order). Shards are untrusted input:
 :meth:`SampleRecord.from_json` validates every field and raises :class:`InvalidRecord` with the
 reason, so a reader can skip and count instead of crashing.
+
+``bridge_spans`` (optional) marks a response that already holds DVR bridging prompts, as offline
+DVR writes them: each ``[start, end]`` is a character span of ``response`` holding a bridge, and
+the image is shown again right after it (at ``end``). Records without the field (all shards
+written before it existed) read as ``None`` and behave as before; records with ``None`` are
+written without the key, so their JSON is unchanged.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class SampleRecord:
     choices: list[str] | None = None
     precision: int | None = None
     source: str = ""
+    bridge_spans: tuple[tuple[int, int], ...] | None = None
 
     @classmethod
     def from_json(cls, data: bytes | str | dict[str, Any]) -> SampleRecord:
@@ -76,10 +83,45 @@ class SampleRecord:
             choices=list(choices) if choices else None,
             precision=precision,
             source=source,
+            bridge_spans=parse_bridge_spans(data.get("bridge_spans"), data["response"]),
         )
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), ensure_ascii=False).encode("utf-8")
+        data = asdict(self)
+        if data["bridge_spans"] is None:
+            del data["bridge_spans"]  # older readers and byte-identical shards for plain records
+        return json.dumps(data, ensure_ascii=False).encode("utf-8")
+
+
+def parse_bridge_spans(value: Any, response: str) -> tuple[tuple[int, int], ...] | None:
+    """Validate a record's ``bridge_spans`` against its response; raises :class:`InvalidRecord`.
+
+    Spans must be ``[start, end]`` integer pairs with ``0 <= start < end <= len(response)``, in
+    order and not overlapping, each covering some non-blank text (a bridge the model learns to say).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple):
+        raise InvalidRecord("bad_record", "bridge_spans must be a list of [start, end] pairs or null")
+    spans: list[tuple[int, int]] = []
+    for item in value:
+        if (
+            not isinstance(item, list | tuple)
+            or len(item) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in item)
+        ):
+            raise InvalidRecord("bad_record", f"bridge_spans entry {item!r} is not a [start, end] pair")
+        start, end = item
+        if not 0 <= start < end <= len(response):
+            raise InvalidRecord(
+                "bad_record", f"bridge span {[start, end]} outside the response (0..{len(response)})"
+            )
+        if spans and start < spans[-1][1]:
+            raise InvalidRecord("bad_record", "bridge_spans must be sorted and not overlap")
+        if not response[start:end].strip():
+            raise InvalidRecord("bad_record", f"bridge span {[start, end]} holds no text")
+        spans.append((start, end))
+    return tuple(spans) or None
 
 
 def image_members(sample: dict[str, Any]) -> list[str]:

@@ -3,7 +3,8 @@
 The text is built exactly as Qwen2-VL's chat template and processor build it (system turn, images
 as ``<|vision_start|>`` + one ``<|image_pad|>`` per merged token + ``<|vision_end|>`` before the
 question, then the assistant turn) and tokenized in one call, so with DVR off the ids equal HF's.
-DVR adds ``bridge + <|vision_start|> pooled pads <|vision_end|>`` inside the response. Labels come
+DVR adds ``bridge + <|vision_start|> pooled pads <|vision_end|>`` inside the response; a response
+holding stored bridges (offline DVR) gets the pooled image after each of them. Labels come
 from character spans through the tokenizer's offsets: the response, the bridging prompts and the
 closing ``<|im_end|>`` are learned; image tokens, the system prompt and the question never are.
 """
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from tvc_lightning.data.dvr import DVRTransform
+from tvc_lightning.data.dvr import DEFAULT_POOL_KERNEL, DVRTransform, Injection
 from tvc_lightning.data.schema import SampleRecord
 from tvc_lightning.data.shards import SkipSample
 from tvc_lightning.vision import merged_grids, mrope_positions, pooled_grid
@@ -64,7 +65,10 @@ class SampleEncoder:
 
     Returns a dict of unbatched tensors: ``input_ids``, ``labels``, ``position_ids`` (3, L),
     ``pixel_values``, ``image_grid_thw``, ``visual_segments`` (rows ``(image index, kernel)``) and
-    ``num_injections``. Raises ``SkipSample("too_long")`` beyond ``max_length`` tokens.
+    ``num_injections`` (stored bridges included). Raises ``SkipSample("too_long")`` beyond
+    ``max_length`` tokens. A record's stored bridges (``bridge_spans``, offline DVR) are followed by
+    the images, pooled with the DVR kernel, whether or not this epoch's plan applies DVR;
+    :meth:`longest` is the most tokens any epoch can give a sample (what the distill filter checks).
     """
 
     def __init__(
@@ -84,15 +88,16 @@ class SampleEncoder:
         if not self.tokenizer.is_fast:
             raise ValueError("SampleEncoder needs a fast tokenizer (it reads token offsets)")
         self._special = special_token_pattern(self.tokenizer)
+        # Stored bridges are shown like DVR's own copies; without a DVR transform, TVC's kernel.
+        self.pool_kernel = dvr.pool_kernel if dvr is not None else DEFAULT_POOL_KERNEL
 
     def __call__(self, record: SampleRecord, images: list[Image.Image], epoch: int = 0) -> dict:
-        if not images:
-            raise SkipSample("bad_record")
-        if self._special.search(record.question) or self._special.search(record.response):
-            raise SkipSample("bad_record", f"{record.id}: control-token text in question/response")
+        self._check(record, images)
         vision = self.image_processor(images=images, return_tensors="pt")
         grids = merged_grids(vision["image_grid_thw"], self.merge_size)
-        text, targets, segments, n_injections = self._layout(record, grids, epoch)
+        response, stored = self._response(record)
+        plan = self.dvr.plan(record.id, response, epoch, stored) if self.dvr is not None else []
+        text, targets, segments = self._layout(record.question, response, grids, stored, plan)
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
         input_ids = torch.tensor(enc["input_ids"], dtype=torch.long)
         if input_ids.numel() > self.max_length:
@@ -107,36 +112,93 @@ class SampleEncoder:
             "pixel_values": vision["pixel_values"],
             "image_grid_thw": vision["image_grid_thw"],
             "visual_segments": visual_segments,
-            "num_injections": n_injections,
+            "num_injections": len(stored) + len(plan),
         }
 
-    def _layout(
-        self, record: SampleRecord, grids: list[tuple[int, int]], epoch: int
-    ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]], int]:
-        """The full text, its learned character spans, and its visual segments in order."""
-        n_images = len(grids)
-        text = self.chat.prompt(record.question, [h * w for h, w in grids])
-        segments = [(i, 1) for i in range(n_images)]
-        targets: list[tuple[int, int]] = []
+    def longest(self, record: SampleRecord, images: list[Image.Image]) -> int:
+        """The most tokens ``record`` encodes to in any epoch: ``max_length`` is checked against this.
+
+        Every plan DVR can draw is measured with the real layout and tokenizer for one injection
+        (each free point with each bridge); for ``max_injections > 1`` the largest per-point
+        increases are summed (a cut changes the tokenization only next to itself, and cuts sit at
+        different sentence starts). Raises :class:`SkipSample` for what ``__call__`` would skip
+        regardless of length (no image, control-token text).
+        """
+        self._check(record, images)
+        vision = self.image_processor(images=images, return_tensors="pt")
+        grids = merged_grids(vision["image_grid_thw"], self.merge_size)
+        response, stored = self._response(record)
+
+        def length(plan: list[Injection]) -> int:
+            text = self._layout(record.question, response, grids, stored, plan)[0]
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        base = length([])
+        if self.dvr is None or self.dvr.p <= 0.0:
+            return base
+        gains = sorted(
+            (
+                max(length([Injection(point, bridge)]) for bridge in dict.fromkeys(self.dvr.bridges))
+                - base
+                for point in self.dvr.candidates(response, stored)
+            ),
+            reverse=True,
+        )
+        with_dvr = base + sum(gains[: self.dvr.budget(stored)])
+        # Below p = 1 some epochs skip DVR: the longer of the two is the bound.
+        return with_dvr if self.dvr.p >= 1.0 else max(base, with_dvr)
+
+    def _check(self, record: SampleRecord, images: list[Image.Image]) -> None:
+        if not images:
+            raise SkipSample("bad_record")
+        if self._special.search(record.question) or self._special.search(record.response):
+            raise SkipSample("bad_record", f"{record.id}: control-token text in question/response")
+
+    @staticmethod
+    def _response(record: SampleRecord) -> tuple[str, list[tuple[int, int]]]:
+        """The stripped response and its stored bridge spans moved onto it."""
         response = record.response.strip()
-        plan = self.dvr.plan(record.id, response, epoch) if self.dvr is not None else []
+        lead = len(record.response) - len(record.response.lstrip())
+        stored = [
+            (min(max(a - lead, 0), len(response)), min(max(b - lead, 0), len(response)))
+            for a, b in record.bridge_spans or ()
+        ]
+        return response, stored
+
+    def _layout(
+        self,
+        question: str,
+        response: str,
+        grids: list[tuple[int, int]],
+        stored: list[tuple[int, int]],
+        plan: list[Injection],
+    ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+        """The full text, its learned character spans, and its visual segments in order.
+
+        Images follow each stored bridge (its text is already in the response) and each planned
+        bridge (inserted here); a plan never lands on a stored point (see ``DVRTransform``).
+        """
+        text = self.chat.prompt(question, [h * w for h, w in grids])
+        segments = [(i, 1) for i in range(len(grids))]
+        targets: list[tuple[int, int]] = []
+        k = self.pool_kernel
+        points = sorted([(end, "") for _, end in stored] + [(i.offset, i.bridge) for i in plan])
         cursor = 0
-        for inj in plan:
-            # Response text up to the point, then the bridging prompt: all learned.
+        for offset, bridge in points:
+            # Response text up to the point, then the bridging prompt (if planned): all learned.
             start = len(text)
-            text += response[cursor : inj.offset] + inj.bridge
+            text += response[cursor:offset] + bridge
             targets.append((start, len(text)))
-            k = self.dvr.pool_kernel  # type: ignore[union-attr]
             for i, (h, w) in enumerate(grids):
                 ph, pw = pooled_grid(h, w, k)
                 text += self.chat.image(ph * pw)
                 segments.append((i, k))
-            cursor = inj.offset
+            cursor = offset
         start = len(text)
         text += response[cursor:] + "<|im_end|>"
         targets.append((start, len(text)))
         text += "\n"
-        return text, targets, segments, len(plan)
+        return text, targets, segments
 
     def _labels(
         self, input_ids: torch.Tensor, offsets: list[tuple[int, int]], targets: list[tuple[int, int]]

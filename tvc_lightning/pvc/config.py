@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from tvc_lightning.data.dvr import DEFAULT_BRIDGES, DEFAULT_REFLECTION_PHRASES
 
 RESET_MODES = ("visual", "none")
+PERIODIC_BOUNDARIES = ("sentence", "word", "token")
 
 
 @dataclass
@@ -26,8 +27,12 @@ class PVCConfig:
             (so the image comes before the reflection, as DVR trains it).
         on_bridge: Calibrate when the model itself emits one of ``bridges``: only the image is
             appended.
-        every_n_tokens: Also calibrate at the first sentence end at least this many tokens after
-            the last calibration (None: off).
+        every_n_tokens: Also calibrate at the first boundary (``periodic_at``) at least this many
+            tokens after the last calibration (None: off).
+        periodic_at: Where an ``every_n_tokens`` calibration may go: ``sentence`` (after ``.``,
+            ``!`` or ``?`` followed by whitespace, or a newline; never inside a number), ``word``
+            (before a token that starts with whitespace) or ``token`` (exactly every N tokens,
+            for experiments that need calibrations at fixed positions).
         max_calibrations: At most this many calibrations per sample (0: plain decoding).
         min_gap: Tokens generated before the first calibration and between two calibrations.
         reflection_phrases: Sentence openings that trigger a calibration.
@@ -48,6 +53,7 @@ class PVCConfig:
     on_reflection: bool = True
     on_bridge: bool = True
     every_n_tokens: int | None = None
+    periodic_at: str = "sentence"
     max_calibrations: int = 4
     min_gap: int = 64
     reflection_phrases: list[str] = field(default_factory=lambda: list(DEFAULT_REFLECTION_PHRASES))
@@ -65,6 +71,9 @@ class PVCConfig:
     def __post_init__(self) -> None:
         if self.reset not in RESET_MODES:
             raise ValueError(f"pvc.reset must be one of {RESET_MODES}, got {self.reset!r}")
+        if self.periodic_at not in PERIODIC_BOUNDARIES:
+            raise ValueError(
+                f"pvc.periodic_at must be one of {PERIODIC_BOUNDARIES}, got {self.periodic_at!r}")
         if self.pool_kernel < 1:
             raise ValueError(f"pvc.pool_kernel must be >= 1, got {self.pool_kernel}")
         if self.every_n_tokens is not None and self.every_n_tokens < 1:

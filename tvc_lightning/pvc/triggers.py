@@ -70,7 +70,8 @@ class TriggerDetector:
         # A window that reaches back to the segment start begins a sentence (prompt or image).
         lead = "\n" if len(window) == len(segment) else ""
         tail = lead + self._decode(window)
-        if c.on_bridge and any(tail.endswith(b) for b in c.bridges):
+        before = lead + self._decode(window[:-1])  # the text before the newest token
+        if c.on_bridge and self._bridge_completed(tail, before):
             return Trigger("bridge", 0, None)
         if self._reflection is not None:
             found = self._reflection_rollback(window, tail, lead)
@@ -78,8 +79,34 @@ class TriggerDetector:
                 rollback, kept = found
                 return Trigger("reflection", rollback, self._spaced(kept, c.bridges[0]))
         if c.every_n_tokens is not None and len(segment) >= c.every_n_tokens:
-            if tail.rstrip(" \t").endswith((".", "!", "?", "\n")):
-                return Trigger("periodic", 0, self._spaced(tail, c.bridges[0]))
+            return self._periodic(tail, before, self._decode(window[-1:]))
+        return None
+
+    def _bridge_completed(self, tail: str, before: str) -> bool:
+        """The newest token completes a bridge, possibly with the whitespace after it: byte-level
+        BPE merges a paragraph's final period with its newlines (``'.\n\n'`` is one token)."""
+        text, earlier = tail.rstrip(), before.rstrip()
+        return any(text.endswith(b) and not earlier.endswith(b) for b in self.config.bridges)
+
+    def _periodic(self, tail: str, before: str, newest: str) -> Trigger | None:
+        """A periodic calibration at a sentence boundary, never inside a number or a word.
+
+        A newline ends a sentence at once. A ``.``/``!``/``?`` only does once the next token
+        starts with whitespace (``4.`` may continue as ``4.5``): then that token, the start of
+        the next sentence, is rolled back (it is not in the cache yet) unless it is only
+        whitespace, and the image goes right after the punctuation. ``periodic_at: word`` takes
+        any whitespace-led token the same way; ``token`` fires at once.
+        """
+        bridge = self.config.bridges[0]
+        if self.config.periodic_at == "token":
+            return Trigger("periodic", 0, self._spaced(tail, bridge))
+        if tail.rstrip(" \t").endswith("\n") and not before.rstrip(" \t").endswith("\n"):
+            return Trigger("periodic", 0, self._spaced(tail, bridge))
+        at_end = self.config.periodic_at == "word" or before.endswith((".", "!", "?"))
+        if at_end and before and newest[:1].isspace():
+            if newest.isspace():
+                return Trigger("periodic", 0, self._spaced(tail, bridge))
+            return Trigger("periodic", 1, self._spaced(before, bridge))
         return None
 
     def _reflection_rollback(self, window: list[int], tail: str, lead: str) -> tuple[int, str] | None:
@@ -88,7 +115,7 @@ class TriggerDetector:
         if not matches or not self._confirmed(tail, matches[-1].start("p"), matches[-1].end("p")):
             return None
         match = matches[-1]
-        before = lead + self._decode(window[:-1])
+        before = lead + self._decode(window[:-1])  # confirmed one token earlier?
         if self._confirmed(before, match.start("p"), match.end("p")):
             return None  # confirmed at an earlier token already (and not taken then)
         for r in range(1, len(window) + 1):
