@@ -27,6 +27,8 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) -m tvc_lightning.testing outputs/tiny/model
 	test -d outputs/tiny/data/train || $(PY) -m data_engine synth --out outputs/tiny/data
+	@# A fit refuses a checkpoint folder holding an earlier run's checkpoints; the demo starts afresh.
+	rm -rf outputs/tiny/checkpoints
 	$(PY) -m tvc_lightning fit --config recipes/tiny.yaml
 	$(PY) tools/check_demo.py outputs/tiny
 
@@ -40,6 +42,7 @@ bench: venv
 	$(PY) benchmarks/chunked_loss.py
 	$(PY) benchmarks/pvc_decode.py
 	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/train_throughput.py
 
 # Re-resolve the lock: a fresh venv gets the newest versions pyproject.toml allows, and its exact
 # versions become the lock. Run `make test` and `make demo` on the result before committing it.

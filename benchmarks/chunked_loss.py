@@ -1,4 +1,9 @@
-"""Peak memory and time of the plain vs the chunked cross-entropy, forward + backward.
+"""Peak memory and time of the plain, checkpointed and fused cross-entropies, forward + backward.
+
+Methods (all from ``tvc_lightning.loss``): ``plain`` (full-vocabulary logits at once),
+``checkpointed`` (chunks recomputed in backward; ``chunked_cross_entropy``'s path before the fused
+one, and still its fallback for non-Linear heads) and ``fused`` (gradients computed chunk by chunk
+in the forward pass; ``chunked_cross_entropy``'s path for an ``nn.Linear`` head).
 
 Each (method, L) configuration runs in its own fresh Python process, so that one method's
 allocations (and the allocator's cached or not-yet-returned memory) cannot inflate the other's
@@ -12,15 +17,17 @@ figure:
   runs on tiny tensors only, because a full-size one would already set the high-water mark.
 
 The reported peak is the memory the loss step adds on top of the inputs and the head: it includes
-the head's weight gradient (V x D, allocated by backward) for both methods alike.
+the head's weight gradient (V x D, allocated by backward or, for fused, by forward) for all
+methods alike.
 
-Example (the defaults, sized for a 2-core / 24 GiB CPU machine):
+Example (the defaults, sized for a 2-core / 24 GiB CPU machine; a few minutes):
 
     python benchmarks/chunked_loss.py
 
 On a GPU, the Qwen2-VL-7B shapes:
 
-    python benchmarks/chunked_loss.py --device cuda --dtype bf16 --hidden 3584 --lengths 2048 8192
+    python benchmarks/chunked_loss.py --device cuda --dtype bf16 --hidden 3584 --lengths 2048 8192 \
+        --chunk 1024
 """
 
 from __future__ import annotations
@@ -61,7 +68,13 @@ def run_one(cfg: dict) -> dict:
 
     # Imported here so the parent process never loads the package (nor torch) itself.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tvc_lightning.loss import chunked_cross_entropy, plain_cross_entropy
+    from tvc_lightning.loss import (
+        checkpointed_cross_entropy,
+        fused_linear_cross_entropy,
+        plain_cross_entropy,
+    )
+
+    chunked = {"checkpointed": checkpointed_cross_entropy, "fused": fused_linear_cross_entropy}
 
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -79,7 +92,7 @@ def run_one(cfg: dict) -> dict:
         if cfg["method"] == "plain":
             loss_sum, n = plain_cross_entropy(hidden, head, labels)
         else:
-            loss_sum, n = chunked_cross_entropy(hidden, head, labels, chunk_size=cfg["chunk"])
+            loss_sum, n = chunked[cfg["method"]](hidden, head, labels, chunk_size=cfg["chunk"])
         (loss_sum / n.clamp(min=1)).backward()
         return float(loss_sum.detach() / n.clamp(min=1))
 
@@ -138,17 +151,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--hidden", type=int, default=1536, help="D: 1536 = Qwen2-VL-2B, 3584 = Qwen2-VL-7B"
     )
     p.add_argument("--vocab", type=int, default=QWEN2VL_VOCAB, help="V (default: Qwen2-VL's)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 3072], help="L values")
-    p.add_argument("--chunk", type=int, default=1024, help="chunk_size of the chunked method")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="L values")
+    p.add_argument(
+        "--chunk", type=int, default=512, help="chunk_size of the checkpointed and fused methods"
+    )
     p.add_argument(
         "--labeled-frac",
         type=float,
         default=1.0,
         help="fraction of positions with a label (the rest is an ignored prefix); 1.0 is the "
-        "worst case for the chunked method, which only pays for labelled positions",
+        "worst case for the chunked methods, which only pay for labelled positions",
     )
     p.add_argument(
-        "--methods", nargs="+", default=["plain", "chunked"], choices=["plain", "chunked"]
+        "--methods",
+        nargs="+",
+        default=["plain", "checkpointed", "fused"],
+        choices=["plain", "checkpointed", "fused"],
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -169,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                 "length": length,
                 "hidden": args.hidden,
                 "vocab": args.vocab,
-                "chunk": args.chunk if method == "chunked" else None,
+                "chunk": args.chunk if method != "plain" else None,
                 "dtype": args.dtype,
                 "device": args.device,
                 "labeled_frac": args.labeled_frac,
@@ -178,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append(spawn(cfg))
             r = results[-1]
             print(
-                f"# done: {method:7s} L={length}: {r['peak_mib']:.0f} MiB, {r['seconds']:.2f} s",
+                f"# done: {method:12s} L={length}: {r['peak_mib']:.0f} MiB, {r['seconds']:.2f} s",
                 file=sys.stderr,
             )
 
@@ -202,10 +220,10 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['seconds']:.2f} | {r['loss']:.5f} |"
         )
 
-    # Both methods see identical inputs (same seed), so their mean losses must agree.
+    # All methods see identical inputs (same seed), so their mean losses must agree.
     for length in args.lengths:
         losses = [r["loss"] for r in results if r["length"] == length]
-        if len(losses) == 2 and abs(losses[0] - losses[1]) > 1e-4 * max(1.0, abs(losses[0])):
+        if any(abs(x - losses[0]) > 1e-4 * max(1.0, abs(losses[0])) for x in losses):
             raise SystemExit(f"loss mismatch at L={length}: {losses}")
 
 

@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-SUBCOMMANDS: tuple[str, ...] = ("synth", "convert", "distill")
+SUBCOMMANDS: tuple[str, ...] = ("synth", "convert", "distill", "export")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -42,12 +42,13 @@ def rank_batch(processor, rank: int) -> dict:
 
 
 def rank_decode(model, processor, rank: int, sync=None):
-    """PVC-decode rank ``rank``'s question: rank 0 generates 10 tokens, the others 3 (so in a
-    distributed run the others idle in step while rank 0 decodes). Returns the one result."""
+    """PVC-decode rank ``rank``'s question: rank 0 generates 10 tokens and calibrates at its 4th
+    and 8th, the others generate 3 (so in a distributed run the others idle in step while rank 0
+    decodes and re-injects its image). Returns the one result."""
     from tvc_lightning.pvc import PVCConfig, pvc_generate
 
     config = PVCConfig(max_new_tokens=10 if rank == 0 else 3, min_new_tokens=3, every_n_tokens=4,
-                       min_gap=2, max_calibrations=2)
+                       periodic_at="token", min_gap=2, max_calibrations=2)
     (result,) = pvc_generate(model, processor, [f"Question {rank}?"],
                              [[random_image(100, 100, seed=10 + rank)]], config, sync=sync)
     return result
@@ -59,4 +60,23 @@ def assert_ranks_decoded_as_one_process(ranks: list[dict], model, processor) -> 
     for r, seen in enumerate(ranks):
         single = rank_decode(model, processor, r)
         assert seen["num_generated"] == (10 if r == 0 else 3)
+        # Rank 0 calibrated (its image went back in mid-decode), so equal tokens show PVC in step.
+        assert [c.step for c in single.calibrations] == ([4, 8] if r == 0 else [])
         assert seen["tokens"] == single.token_ids
+
+
+# Validation decodes that calibrate: every 6 tokens exactly (the random model's text has few
+# sentence ends), 24 tokens per sample, so a test fails if PVC stops re-injecting the image.
+CALIBRATING = ["--model.generation.max_new_tokens", "24", "--model.generation.min_new_tokens", "24",
+               "--model.generation.every_n_tokens", "6", "--model.generation.periodic_at", "token",
+               "--model.generation.min_gap", "4"]
+
+
+def assert_pvc_calibrated(rows: list[dict]) -> None:
+    """Logged validation shows PVC at work: calibrations, attention on the re-injected copies, and
+    (reset: visual) none on the original image late in the response, unlike plain decoding."""
+    last = {k: v for r in rows for k, v in r.items()}
+    assert last["val/pvc_calibrations_per_sample"] > 0
+    late = "val/visual_attention/{}_{}_bin7"
+    assert last[late.format("pvc", "copy")] > 0 and last[late.format("pvc", "original")] == 0
+    assert last[late.format("plain", "copy")] == 0 and last[late.format("plain", "original")] > 0

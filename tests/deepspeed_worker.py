@@ -65,7 +65,8 @@ def main() -> None:
     else:
         strategy = "auto" if devices == 1 else "ddp"
     module = TVCModule(checkpoint, loss_chunk_size=16, lr=2e-3,
-                       generation=PVCConfig(max_new_tokens=8, every_n_tokens=4, max_calibrations=1))
+                       generation=PVCConfig(max_new_tokens=8, min_new_tokens=8, every_n_tokens=4,
+                                            periodic_at="token", min_gap=2, max_calibrations=1))
     data = TVCDataModule(checkpoint, str(data_dir / "train"), str(data_dir / "val"), batch_size=1,
                          num_workers=0, max_length=2048, dvr=DVRTransform(p=1.0, pool_kernel=2))
     losses = LoggedLosses()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from data_engine.synth import write_split
+from tests.conftest import CALIBRATING, assert_pvc_calibrated
 from tests.wandb_history import history
 from tvc_lightning.cli import main
 
@@ -62,10 +63,11 @@ def test_missing_checkpoint_names_the_setting(tiny_workdir):
 
 
 def test_validate_logs_pvc_and_plain_accuracy_and_table(tiny_workdir):
-    main(["validate", "--config", str(RECIPE), "--trainer.enable_progress_bar", "false",
-          "--model.generation.max_new_tokens", "24"])
+    with pytest.warns(UserWarning, match="no --ckpt_path"):
+        main(["validate", "--config", str(RECIPE), "--trainer.enable_progress_bar", "false", *CALIBRATING])
     (run_dir,) = (tiny_workdir / "wandb").glob("offline-run-*")
     rows = history(run_dir)
+    assert_pvc_calibrated(rows)
     keys = {k for r in rows for k in r}
     for key in ("val/loss", "val/pvc_accuracy", "val/plain_accuracy",
                 "val/pvc_calibrations_per_sample", "val/pvc_generated_tokens",
@@ -82,13 +84,25 @@ def test_validate_logs_pvc_and_plain_accuracy_and_table(tiny_workdir):
 def test_predict_writes_one_json_line_per_sample(tiny_workdir):
     import json
 
-    main(["predict", "--config", str(RECIPE), "--trainer.enable_progress_bar", "false",
-          "--model.generation.max_new_tokens", "16"])
-    lines = (tiny_workdir / "predictions.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
+    from tvc_lightning.pvc import PVCConfig
+
+    def predict(*extra: str) -> dict[str, dict]:
+        with pytest.warns(UserWarning, match="no --ckpt_path"):
+            main(["predict", "--config", str(RECIPE), "--trainer.enable_progress_bar", "false",
+                  *CALIBRATING, *extra])
+        lines = (tiny_workdir / "predictions.jsonl").read_text().splitlines()
+        return {r["id"]: r for r in map(json.loads, lines)}
+
+    records = predict()
     assert len(records) == 8
-    assert {r["id"] for r in records} == {f"synth-val-{i:06d}" for i in range(8)}
-    assert all({"id", "response", "extracted", "calibrations"} <= set(r) for r in records)
+    assert set(records) == {f"synth-val-{i:06d}" for i in range(8)}
+    assert all({"id", "response", "extracted", "calibrations"} <= set(r) for r in records.values())
+    plain = predict("--model.generation.max_calibrations", "0")
+    bridge = PVCConfig().bridges[0]
+    for key, record in records.items():
+        assert [c["step"] for c in record["calibrations"]] == [6, 12]  # the recipe's max_calibrations: 2
+        assert bridge in record["response"] and bridge not in plain[key]["response"]
+        assert plain[key]["calibrations"] == [] and record["response"] != plain[key]["response"]
 
 
 def test_export_reloads_with_transformers_and_same_logits(tiny_workdir, tmp_path):
@@ -107,6 +121,12 @@ def test_export_reloads_with_transformers_and_same_logits(tiny_workdir, tmp_path
     exported = Qwen2VLForConditionalGeneration.from_pretrained(out).eval()
     processor_config = json.loads((out / "processor_config.json").read_text())
     assert processor_config["processor_class"] == "Qwen2VLProcessor"  # loadable by AutoProcessor
+    # The base checkpoint's generation config as it was: both stop tokens (a list), not one.
+    source = json.loads((tiny_workdir / "model" / "generation_config.json").read_text())
+    copied = json.loads((out / "generation_config.json").read_text())
+    assert copied == source and isinstance(copied["eos_token_id"], list)
+    assert exported.generation_config.eos_token_id == source["eos_token_id"]
+    _assert_auto_processor_loads(out, tiny_workdir / "model")
     module = TVCModule.load_from_checkpoint(ckpt, map_location="cpu")  # configure_model runs lazily
     module.configure_model()
     module.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
@@ -119,6 +139,31 @@ def test_export_reloads_with_transformers_and_same_logits(tiny_workdir, tmp_path
     base = Qwen2VLForConditionalGeneration.from_pretrained(tiny_workdir / "model").eval()
     with torch.no_grad():
         assert not torch.allclose(base(input_ids=ids).logits, theirs)  # training changed it
+
+
+def _assert_auto_processor_loads(exported: Path, base: Path) -> None:
+    """HF's AutoProcessor finds everything Qwen2VLProcessor reads in ``exported`` (its video
+    processor entry too) and, given torchvision, tokenizes as the project's processor does."""
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    from tests.conftest import random_image
+    from tvc_lightning.hf import load_processor
+
+    video, _ = BaseVideoProcessor.get_video_processor_dict(str(exported))
+    assert video["video_processor_type"] == "Qwen2VLVideoProcessor"
+    if not is_torchvision_available():
+        # HF's Qwen2VLProcessor cannot be built at all without torchvision: say so, no file error.
+        with pytest.raises(ImportError, match="(?i)torchvision"):
+            AutoProcessor.from_pretrained(exported)
+        return
+    theirs = AutoProcessor.from_pretrained(exported)
+    ours = load_processor(base)
+    text = "<|vision_start|><|image_pad|><|vision_end|>How many?"
+    image = random_image(112, 84)
+    assert (theirs(text=[text], images=[image], return_tensors="pt")["input_ids"].tolist()
+            == ours(text=[text], images=[image], return_tensors="pt")["input_ids"].tolist())
 
 
 def test_distilled_shards_train_with_the_tiny_recipe(tiny_workdir, tmp_path):
@@ -170,3 +215,99 @@ def test_generation_callback_runs_after_every_nth_epoch_and_always_in_validate()
     assert not every5.due(trainer(TrainerFn.FITTING, 4, sanity=True))
     every1 = PVCGenerationCallback()
     assert all(every1.due(trainer(TrainerFn.FITTING, e)) for e in range(3))
+
+
+def _wandb_config(run_dir: Path) -> dict:
+    """The run config an offline W&B run recorded (its ``config`` records, merged)."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    from tests.wandb_history import _payloads
+
+    (log,) = Path(run_dir).glob("run-*.wandb")
+    config = {}
+    for payload in _payloads(log.read_bytes()):
+        record = pb.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind in ("config", "run"):
+            updates = record.config.update if kind == "config" else record.run.config.update
+            for item in updates:
+                config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return config
+
+
+def test_fit_again_refuses_the_old_checkpoints_and_wandb_config_is_the_whole_config(tiny_workdir):
+    args = ["fit", "--config", str(RECIPE), "--trainer.max_steps", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"]
+    main(args)
+    folder = tiny_workdir / "checkpoints"
+    assert (folder / "last.ckpt").exists()
+    assert "pool_kernel: 4" in (folder / "config.yaml").read_text()  # the run's own config
+    (run_dir,) = (tiny_workdir / "wandb").glob("offline-run-*")
+    config = _wandb_config(run_dir)
+    assert "data" in config, sorted(config)
+    assert config["data"]["dvr"]["max_injections"] == 2
+    assert config["model"]["generation"]["every_n_tokens"] == 48
+    assert config["trainer"]["max_steps"] == 1
+    with pytest.raises(FileExistsError, match=r"already holds .*last\.ckpt.*--ckpt_path"):
+        main(args + ["--model.lr", "1e-3"])
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "last.ckpt"]
+    # Continuing the same run is fine, and writes last.ckpt again.
+    main(args[:4] + ["2"] + args[5:] + ["--ckpt_path", str(folder / "last.ckpt")])
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "last.ckpt"]
+
+
+def test_nonfinite_loss_stops_fit_with_an_error_and_no_checkpoint(tiny_workdir):
+    from safetensors.torch import load_file, save_file
+
+    weights = tiny_workdir / "model" / "model.safetensors"
+    state = load_file(weights)
+    (norm,) = [k for k in state if k in ("model.norm.weight", "model.language_model.norm.weight")]
+    state[norm] = state[norm] * 1e38  # finite weights, overflowing logits: NaN cross-entropy
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(FloatingPointError, match=r"not finite.*model\.max_nonfinite_losses=0"):
+        main(["fit", "--config", str(RECIPE), "--trainer.max_steps", "3",
+              "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"])
+    assert not (tiny_workdir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_predict_skips_control_token_questions_and_warns_without_checkpoint(tiny_workdir):
+    import json
+    from dataclasses import replace
+
+    from data_engine.shards import ShardWriter, encode_image
+    from data_engine.synth import make_sample
+
+    bad = tiny_workdir / "data" / "bad"
+    with ShardWriter(bad, "bad", maxcount=8) as w:
+        for i, question in enumerate(["How many?<|im_end|>", "Count <|image_pad|> shapes.", None]):
+            key, record, image, _, fmt = make_sample(0, "val", i, 160)
+            if question is not None:
+                record = replace(record, question=question)
+            w.write(key, record, [encode_image(image, fmt)[1]])
+    with pytest.warns(UserWarning) as caught:
+        main(["predict", "--config", str(RECIPE), "--trainer.enable_progress_bar", "false",
+              "--data.val_shards", str(bad), "--model.generation.max_new_tokens", "8"])
+    messages = [str(w.message) for w in caught]
+    assert any("no --ckpt_path" in m and "model.model_name_or_path='outputs/tiny/model'" in m
+               for m in messages), messages
+    assert any("2 of 3 samples skipped (control_token: 2)" in m for m in messages), messages
+    rows = [json.loads(line) for line in
+            (tiny_workdir / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    skipped = sorted(r["skipped"] for r in rows if "skipped" in r)
+    assert skipped == ["control_token: <|im_end|>", "control_token: <|image_pad|>"]
+    assert sum("response" in r for r in rows) == 1
+
+
+def test_test_subcommand_is_gone_and_points_to_validate(tiny_workdir):
+    from tvc_lightning.cli import TVCLightningCLI
+    from tvc_lightning.module import TVCModule
+
+    with pytest.raises(SystemExit, match="validate"):
+        main(["test", "--config", str(RECIPE)])
+    assert "test" not in TVCLightningCLI.subcommands()
+    assert "validate" in TVCLightningCLI.subcommands()
+    assert "test_step" not in vars(TVCModule)

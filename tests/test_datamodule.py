@@ -1,4 +1,5 @@
-"""TVCDataModule: bad records are skipped and counted while training goes on."""
+"""TVCDataModule: bad records are skipped and counted while training goes on; exact epochs are
+sized from what the shards hold readably."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pytest
 from PIL import Image
 
+from tests.epoch_split_worker import IdDataModule, cut_before, write_id_shards
 from tvc_lightning.data.datamodule import TVCDataModule, count_samples
 from tvc_lightning.data.dvr import DVRTransform
 from tvc_lightning.data.schema import SampleRecord
@@ -57,6 +60,7 @@ def _write_shards(root: Path) -> None:
     (root / "a-000001.tar").write_bytes(data[: len(data) // 2 + 100])  # truncated mid-member
 
 
+@pytest.mark.filterwarnings("ignore:1 of 13 training samples are left out:UserWarning")
 def test_bad_records_are_skipped_counted_and_training_continues(tmp_path, tiny_checkpoint):
     shards = tmp_path / "train"
     _write_shards(shards)
@@ -78,6 +82,7 @@ def test_bad_records_are_skipped_counted_and_training_continues(tmp_path, tiny_c
     assert count_samples(str(shards)) >= 10  # headers of the intact shard at least
 
 
+@pytest.mark.filterwarnings("ignore:1 of 13 training samples are left out:UserWarning")
 def test_the_stream_follows_the_trainers_epoch(tmp_path, tiny_checkpoint):
     shards = tmp_path / "train"
     _write_shards(shards)
@@ -132,3 +137,102 @@ def test_label_windows_follow_the_optimizer_steps():
 
     assert windows(False) == StepWindows(size=3, done=4, limit=7)
     assert windows(True) == StepWindows(size=3, done=4, start=4)
+
+
+def _trained_ids(dm: TVCDataModule, epoch: int) -> list[str]:
+    dm.set_epoch(epoch)
+    return [i for b in dm.train_dataloader() for i in dm.on_before_batch_transfer(b, 0)["ids"]]
+
+
+def test_a_truncated_shard_sizes_the_epoch_by_what_is_readable(tmp_path):
+    # 32 samples cut inside the 19th one's image: 18 readable (the 19th's is incomplete).
+    only = tmp_path / "only"
+    write_id_shards(only, [32])
+    cut_before(only / "shard-000000.tar", "s0-18.png", inside=True)
+    readable = sorted(f"s0-{j}" for j in range(18))
+    assert count_samples(str(only)) == 18
+    dm = IdDataModule("unused", str(only), batch_size=2, num_workers=0, shuffle_buffer=0)
+    dm.setup("fit")
+    assert len(dm.train_dataloader()) == 9
+    assert sorted(_trained_ids(dm, 0)) == readable
+    assert dm.skip_counter.as_dict()["bad_tar"] == 1
+
+    # Beside a good shard, both count; cut at a header this time (the 19th cannot be known
+    # complete: its image may have been lost with the next member).
+    both = tmp_path / "both"
+    write_id_shards(both, [32, 6])
+    cut_before(both / "shard-000000.tar", "s0-19.json")
+    assert count_samples(str(both)) == 24
+    dm = IdDataModule("unused", str(both), batch_size=2, num_workers=2, shuffle_buffer=4)
+    dm.setup("fit")
+    assert len(dm.train_dataloader()) == 12
+    assert sorted(_trained_ids(dm, 1)) == sorted(readable + [f"s1-{j}" for j in range(6)])
+
+
+def test_the_dropped_remainder_and_the_bad_samples_keep_equal_shares_and_are_stated(tmp_path):
+    shards = tmp_path / "d"
+    ids = write_id_shards(shards, [5, 6], bad=frozenset({"s1-4"}))
+    # Seed 1: the bad sample is in epoch 0's share, not in epoch 1's.
+    dm = IdDataModule("unused", str(shards), batch_size=2, num_workers=2, shuffle_buffer=0,
+                      train_samples=11, seed=1)
+    dm.setup("fit")
+    with pytest.warns(UserWarning) as warned:
+        loader = dm.train_dataloader()
+    messages = " | ".join(str(w.message) for w in warned)
+    assert "3 of 11 training samples are left out of each epoch" in messages
+    assert "data.train_samples=11, but the shards give 8 samples per epoch" in messages
+    assert len(loader) == 4  # 2 workers x 4 samples, in batches of 2
+    left_out, bad_in_share = [], []
+    for epoch in (0, 1):
+        with pytest.warns(UserWarning):
+            got = _trained_ids(dm, epoch)
+        assert len(got) == 8
+        split = dm.train_dataset.split(2, epoch)
+        share = {ids[i] for r in range(2) for i in split.sample_ids(r)}
+        bad_in_share.append("s1-4" in share)
+        # The bad sample, when in this epoch's share, is replaced by a repeat of a good one.
+        assert set(got) == share - {"s1-4"}
+        assert len(set(got)) == 8 - bad_in_share[-1]
+        left_out.append(set(ids) - share)
+    assert left_out[0] != left_out[1]  # a different remainder each epoch
+    assert bad_in_share == [True, False]
+    assert dm.skip_counter.as_dict()["bad_image"] == sum(bad_in_share)
+    assert dm.train_dataset.padded.as_dict()["padded"] == sum(bad_in_share)
+
+
+def test_packed_stream_is_the_padded_stream_packed_and_resumes_exactly(tmp_path, tiny_checkpoint):
+    """``data.pack`` changes only how each batch's samples are laid out: the same samples per
+    batch as padded batches (two workers), and a mid-epoch resume continues with the exact
+    remaining packed batches."""
+    from tests.test_resume import MAX_LENGTH, _write_train
+
+    shards = _write_train(tmp_path)
+
+    def datamodule(pack: bool) -> TVCDataModule:
+        dm = TVCDataModule(str(tiny_checkpoint), str(shards), batch_size=2, num_workers=2,
+                           shuffle_buffer=3, max_length=MAX_LENGTH, max_pixels=50176, pack=pack,
+                           dvr=DVRTransform(p=1.0, max_injections=2, pool_kernel=4))
+        dm.setup("fit")
+        dm.set_epoch(1)
+        return dm
+
+    def samples(batch) -> list[list[int]]:
+        real = batch["input_ids"][batch["attention_mask"].bool()]
+        lengths = batch.get("sample_lengths", batch["attention_mask"].sum(-1))
+        return sorted(part.tolist() for part in real.split(lengths.tolist()))
+
+    padded = list(datamodule(False).train_dataloader())
+    dm = datamodule(True)
+    packed, states = [], []
+    for batch in dm.train_dataloader():
+        packed.append(dm.on_before_batch_transfer(batch, 0))
+        states.append(dm.state_dict())
+    assert len(packed) == len(padded) == 6
+    assert [samples(b) for b in packed] == [samples(b) for b in padded]
+    assert all(int(p["window_labels"]) == int(q["window_labels"]) for p, q in zip(packed, padded,
+                                                                                  strict=True))
+    for k in (1, 4):
+        resumed = datamodule(True)
+        resumed.load_state_dict(states[k - 1])
+        rest = [b["input_ids"].tolist() for b in resumed.train_dataloader()]
+        assert rest == [b["input_ids"].tolist() for b in packed[k:]], k

@@ -42,4 +42,5 @@ def test_zero2_and_zero3_train_like_plain_runs_and_validate_with_pvc(tmp_path, t
         # Equal to float rounding; without undoing DeepSpeed's extra division they differ ~1e-4.
         assert runs[deepspeed]["losses"] == pytest.approx(expected, rel=2e-6), deepspeed
         assert "val/pvc_accuracy" in runs[deepspeed]["val"] and "val/loss" in runs[deepspeed]["val"]
+        assert runs[deepspeed]["val"]["val/pvc_calibrations_per_sample"] == 1.0  # PVC re-injected
     assert runs[3, 2]["partitioned"] and not runs[2, 1]["partitioned"]

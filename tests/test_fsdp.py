@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from data_engine.synth import write_split
-from tests.conftest import assert_ranks_decoded_as_one_process, rank_batch
+from tests.conftest import CALIBRATING, assert_pvc_calibrated, assert_ranks_decoded_as_one_process, rank_batch
 from tests.fsdp_worker import LR, STEPS, TIED_CHUNK
 from tests.wandb_history import history
 from tvc_lightning.hf import load_model
@@ -117,12 +117,14 @@ def test_model_parallel_strategy_fit_validate_and_export(tmp_path, tiny_checkpoi
          "--trainer.inference_mode", "false", "--data.num_workers", "1",
          # The 72B recipe's settings: bf16 gathers and compute, activation checkpointing.
          "--trainer.precision", "bf16-mixed", "--model.gradient_checkpointing", "true",
-         "--model.generation.max_new_tokens", "16"],
+         *CALIBRATING],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (root / "wandb").glob("offline-run-*")
-    keys = {k for row in history(run_dir) for k in row}
+    rows = history(run_dir)
+    assert_pvc_calibrated(rows)
+    keys = {k for row in rows for k in row}
     for key in ("train/loss", "val/loss", "val/pvc_accuracy", "val/plain_accuracy"):
         assert key in keys, key
 

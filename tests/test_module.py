@@ -269,3 +269,43 @@ def test_deepspeed_needs_whole_steps_per_epoch_for_token_normalization():
         check(5390)  # 345,000 samples over 64 ranks: DeepSpeed's steps would straddle epochs
     check(5392)
     check(5390, "micro_batch")
+
+
+def test_packed_fit_takes_the_unpacked_steps_and_logs_throughput(tmp_path, tiny_checkpoint):
+    """The same stream through ``data.pack``: equal label windows and step gradients, no more
+    token slots;
+    throughput, TFLOP/s and packing efficiency logged (no MFU on CPU). Packed batches are made
+    in a DataLoader worker."""
+    from data_engine.synth import write_split
+    from tvc_lightning.data.datamodule import TVCDataModule
+
+    write_split(tmp_path, "train", 6, seed=3, per_shard=6, image_size=160)
+    runs = {}
+    for pack in (False, True):
+        module = TVCModule(str(tiny_checkpoint), loss_chunk_size=16, lr=0.0)
+        data = TVCDataModule(str(tiny_checkpoint), str(tmp_path / "train"), batch_size=3,
+                             num_workers=1 if pack else 0, max_length=1024, pack=pack,
+                             dvr=DVRTransform(p=1.0, pool_kernel=2))
+        capture = _CaptureSteps()
+        trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[capture])
+        trainer.fit(module, data)
+        runs[pack] = (capture, dict(trainer.callback_metrics))
+    (plain, plain_metrics), (packed, packed_metrics) = runs[False], runs[True]
+    assert len(packed.grads) == len(plain.grads) == 2
+    for step in range(2):
+        a, b = plain.batches[step], packed.batches[step]
+        assert "cu_seqlens" in b and b["input_ids"].numel() <= a["input_ids"].numel()
+        assert int(a["window_labels"]) == int(b["window_labels"])
+        for name, grad in plain.grads[step].items():
+            torch.testing.assert_close(packed.grads[step][name], grad, rtol=1e-4, atol=1e-6,
+                                       msg=f"{step} {name}")
+    for metrics in (plain_metrics, packed_metrics):
+        assert metrics["train/tokens_per_s_per_device"] > 0
+        assert metrics["train/tflops_per_device"] > 0
+        assert 0 < metrics["train/packing_efficiency"] <= 1
+        assert "train/mfu" not in metrics
+    last = packed.batches[-1]
+    assert float(packed_metrics["train/packing_efficiency"]) == pytest.approx(
+        int(last["attention_mask"].sum()) / last["input_ids"].numel())

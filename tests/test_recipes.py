@@ -134,3 +134,21 @@ def test_big_recipes_decode_validation_samples_as_one_batch_per_rank(name):
     if name.startswith("72b"):  # one PVC pass, after the last epoch
         assert callback["compare_plain"] is False
         assert callback["every_n_epochs"] == recipe["trainer"]["max_epochs"]
+
+
+@pytest.mark.parametrize("name", ["7b.yaml", "72b.yaml", "72b_fsdp.yaml"])
+def test_big_recipes_train_exact_epochs_with_nothing_left_out(name):
+    recipe = yaml.safe_load((RECIPES / name).read_text())
+    trainer, data = recipe["trainer"], recipe["data"]
+    # Resampling draws shards with replacement: an "epoch" would see ~60% of the data.
+    assert data["resampled"] is False
+
+    from tvc_lightning.data.epochs import EpochSplit
+
+    ranks = trainer["devices"] * trainer["num_nodes"]
+    # TVC's data in 1,000-sample shards; the split the 64 ranks x 4 workers read.
+    split = EpochSplit([1000] * 345 + [88], ranks * data["num_workers"], multiple=data["batch_size"])
+    assert split.kept == split.total == data["train_samples"]
+    batches_per_rank = split.per_reader * data["num_workers"] // data["batch_size"]
+    assert batches_per_rank % trainer["accumulate_grad_batches"] == 0  # DeepSpeed's whole steps
+    assert batches_per_rank // trainer["accumulate_grad_batches"] == data["train_samples"] // 256

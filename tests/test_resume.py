@@ -25,14 +25,14 @@ from tvc_lightning.data.resume import checkpoint_state, plan_resume, rng_state, 
 from tvc_lightning.data.schema import SampleRecord
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
-# With 10 samples in shards of 4, 4 and 2, DataLoader worker 0 reads two shards and worker 1 one;
-# max_length 560 drops one sample as too long. An epoch is then 5 batches from workers 0, 1, 0, 0,
-# 0 (the last one short): worker 1 runs dry first, so past batch 2 the round-robin is uneven.
+# 12 samples in 3 shards of 4: each of 2 DataLoader workers gets 6 (one shard and half of another,
+# a different half each epoch); max_length 560 drops one sample as too long, which its worker
+# replaces by a repeat. An epoch is then 6 batches of 2, 3 from each worker.
 MAX_LENGTH = 560
 
 
 def _write_train(root: Path) -> Path:
-    write_split(root, "train", 10, seed=0, per_shard=4, image_size=160)
+    write_split(root, "train", 12, seed=0, per_shard=4, image_size=160)
     return root / "train"
 
 
@@ -66,7 +66,7 @@ def test_every_mid_epoch_state_resumes_the_exact_remaining_batches(tmp_path, tin
     dm = _datamodule(tiny_checkpoint, shards, workers=2)
     for epoch in (0, 1):
         full, states = _consume(dm, epoch)
-        assert len(full) == 5
+        assert len(full) == 6
         for k in range(1, len(full)):
             resumed = _datamodule(tiny_checkpoint, shards, workers=2)
             resumed.load_state_dict(states[k - 1])
@@ -111,6 +111,7 @@ def test_skip_counts_are_restored_and_the_fast_forward_does_not_count_again(tmp_
         resumed.load_state_dict(states[k - 1])
         assert [b["input_ids"].tolist() for b in resumed.train_dataloader()] == full[k:]
         assert resumed.skip_counter.as_dict() == expected
+        assert resumed.train_dataset.padded.as_dict() == {"padded": 3}  # a, c and the too long one
 
 
 def test_a_changed_topology_resumes_approximately_with_a_warning():
@@ -183,29 +184,29 @@ def _assert_continues(full: dict, resumed: dict, k: int) -> None:
 
 
 def test_fit_resumed_from_a_checkpoint_matches_the_uninterrupted_run(workdir, monkeypatch):
-    full = _fit(workdir, "full", max_steps=8)  # epoch 0: steps 0-4, epoch 1: steps 5-7
-    assert len(full) == 8
-    # Mid-epoch (workers rotated), in the uneven tail of an epoch, at an epoch boundary, in the
-    # second epoch.
-    for k in (1, 4, 5, 6):
-        _assert_continues(full, _fit(workdir, f"from{k}", 8, f"ckpts/step={k}.ckpt"), k)
+    full = _fit(workdir, "full", max_steps=9)  # epoch 0: steps 0-5, epoch 1: steps 6-8
+    assert len(full) == 9
+    # Mid-epoch (workers rotated), near the end of an epoch, at an epoch boundary, in the second
+    # epoch.
+    for k in (1, 4, 6, 7):
+        _assert_continues(full, _fit(workdir, f"from{k}", 9, f"ckpts/step={k}.ckpt"), k)
 
     # DeepSpeed and FSDP restore the checkpoint only after the strategy's setup, where
     # configure_optimizers has already built the train DataLoader.
     with monkeypatch.context() as m:
         m.setattr(SingleDeviceStrategy, "restore_checkpoint_after_setup", property(lambda _: True))
-        _assert_continues(full, _fit(workdir, "late", 8, "ckpts/step=4.ckpt"), 4)
+        _assert_continues(full, _fit(workdir, "late", 9, "ckpts/step=4.ckpt"), 4)
 
     # The test can fail: without the fast-forward the resumed run trains on other batches.
     with monkeypatch.context() as m:
         m.setattr(resume.ResumePlan, "arm", lambda *args: None)
         with pytest.raises(AssertionError):
-            _assert_continues(full, _fit(workdir, "noskip", 8, "ckpts/step=1.ckpt"), 1)
+            _assert_continues(full, _fit(workdir, "noskip", 9, "ckpts/step=1.ckpt"), 1)
 
 
 def test_resume_with_gradient_accumulation_keeps_the_token_windows(workdir):
-    # 5 batches per epoch in windows of 2: steps 0-2 (the last one a single batch), then epoch 1.
-    full = _fit(workdir, "acc", max_steps=5, accumulate=2)
-    assert sorted(full) == [0, 1, 2, 3, 4]
-    for k in (2, 3):  # before the epoch's short window; at the epoch boundary
-        _assert_continues(full, _fit(workdir, f"acc{k}", 5, f"ckpts/step={k}.ckpt", accumulate=2), k)
+    # 6 batches per epoch in windows of 4: steps 0-1 (the last one 2 batches), then epoch 1.
+    full = _fit(workdir, "acc", max_steps=4, accumulate=4)
+    assert sorted(full) == [0, 1, 2, 3]
+    for k in (1, 2):  # before the epoch's short window; at the epoch boundary
+        _assert_continues(full, _fit(workdir, f"acc{k}", 4, f"ckpts/step={k}.ckpt", accumulate=4), k)

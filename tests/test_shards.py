@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
+from tvc_lightning.data.epochs import index_shards, scan_shard
 from tvc_lightning.data.schema import SampleRecord
 from tvc_lightning.data.shards import (
     ShardDataset,
@@ -183,8 +184,12 @@ def test_bad_input_is_skipped_and_counted(tmp_path: Path) -> None:
     counter = SkipCounter()
     ds = ShardDataset(tmp_path, encode_id, counter, max_image_pixels=64 * 64, shuffle_shards=False)
     out = list(ds)
-    assert {i for i, _, _ in out} == {"a0", "a1", "a8", "a9", "b0", "b1", "c0"}
-    assert len(out) == 7
+    good_ids = ["a0", "a1", "a8", "a9", "b0", "b1", "c0"]
+    # The index counts 15 readable samples (12 + 2 + 1 + 0); the 8 found bad when decoded are
+    # replaced by repeats of the reader's first good ones, so the epoch has its announced length.
+    assert ds.split(1).per_reader == 15
+    assert [i for i, _, _ in out] == good_ids + good_ids + ["a0"]
+    assert ds.padded.as_dict() == {"padded": 8}
     assert dict((i, n) for i, n, _ in out)["a9"] == 2
     assert counter.as_dict() == {
         "bad_tar": 3,  # b, c, d
@@ -193,6 +198,43 @@ def test_bad_input_is_skipped_and_counted(tmp_path: Path) -> None:
         "bad_image": 2,  # a6, a10
         "too_long": 1,  # a7long
     }
+
+
+def test_a_truncated_only_shard_is_read_up_to_the_damage(tmp_path: Path) -> None:
+    """32 samples, cut at the 20th one's header: 18 are readable (the 19th cannot be known
+    complete), and they make the whole epoch."""
+    write_good_shards(tmp_path, 1, 32)
+    shard = tmp_path / "shard-000000.tar"
+    truncate(shard, member(shard, "s0-19.json").offset)
+    counter = SkipCounter()
+    ds = ShardDataset(tmp_path, encode_id, counter)
+    assert ds.index is not None and ds.index.sizes == (18,)
+    assert ds.index.damaged == (str(shard),)
+    assert counter.as_dict() == {**NO_SKIPS, "bad_tar": 1}  # counted once, when indexed
+    got = [i for i, _, _ in ds]
+    assert sorted(got) == sorted(f"s0-{i}" for i in range(18))
+    assert ds.padded.as_dict() == {"padded": 0}
+    assert counter.as_dict() == {**NO_SKIPS, "bad_tar": 1}  # the reader stops before the damage
+
+
+def test_the_index_counts_what_the_reader_yields_wherever_a_shard_is_cut(tmp_path: Path) -> None:
+    path = write_shard(tmp_path / "x.tar", [good(f"x{i}", noise=True, seed=i) for i in range(4)])
+    data = path.read_bytes()
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    cuts = {len(data), len(data) - 512, len(data) - 1024, 0, 100, 512}
+    for m in members:  # at a header, inside it, inside the data, at the end of the data
+        cuts |= {m.offset, m.offset + 100, m.offset_data + m.size // 2, m.offset_data + m.size}
+    for at in sorted(cuts):
+        path.write_bytes(data[:at])
+        read = len(list(iter_shard(str(path), SkipCounter())))
+        # Cutting only end-of-archive zero blocks loses nothing, and is no damage.
+        assert scan_shard(str(path)) == (read, read < 4), at
+    # A duplicate member stops webdataset's reader: the sample holding it is lost, and the rest.
+    dup = write_shard(tmp_path / "dup.tar", [good("d0"), good("d1"), ("d1", {"json": record("d1")}),
+                                             good("d2")])
+    assert scan_shard(str(dup)) == (len(list(iter_shard(str(dup), SkipCounter()))), True) == (1, True)
+    assert index_shards([str(path)]).total == 4
 
 
 def test_compressed_shards(tmp_path: Path) -> None:
@@ -246,57 +288,71 @@ def test_pickle_members_are_never_loaded(tmp_path: Path) -> None:
 
 def _read_as_ranks(
     monkeypatch: pytest.MonkeyPatch, urls: Path, counter: SkipCounter, world: int, workers: int
-) -> dict[tuple[int, int], list[str]]:
-    """ids read by each (rank, worker), one real multi-worker DataLoader per simulated rank."""
+) -> tuple[dict[tuple[int, int], list[str]], int]:
+    """ids read by each (rank, worker), one real multi-worker DataLoader per simulated rank, and
+    the samples padded with repeats on all ranks together."""
     by_reader: dict[tuple[int, int], list[str]] = {}
+    padded = 0
     for rank in range(world):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", str(world))
         ds = ShardDataset(urls, encode_with_worker, counter, shuffle_buffer=3, seed=7)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the sample-split warning is tested on its own
+            warnings.simplefilter("ignore")  # the shared-shards warning is tested on its own
             for sample_id, worker, _ in read_all(ds, num_workers=workers):
                 by_reader.setdefault((rank, worker), []).append(sample_id)
-    return by_reader
+        padded += ds.padded.as_dict()["padded"]
+    return by_reader, padded
 
 
-@pytest.mark.parametrize("n_shards", [5, 2], ids=["shard-split", "sample-split"])
+@pytest.mark.parametrize(("n_shards", "per_shard"), [(5, 6), (2, 8)],
+                         ids=["more-shards-than-readers", "fewer-shards-than-readers"])
 def test_ranks_and_workers_read_disjoint_samples_covering_the_split(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n_shards: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n_shards: int, per_shard: int
 ) -> None:
-    ids = write_good_shards(tmp_path / "d", n_shards, 6)
+    ids = write_good_shards(tmp_path / "d", n_shards, per_shard)
     # One bad JSON record per run, counted by whichever worker owns it, seen in the main process.
-    write_shard(tmp_path / "d" / "shard-000000.tar", [good("s0-0"), ("bad", {"json": b"{"})])
-    ids = [i for i in ids if not i.startswith("s0-") or i == "s0-0"]
+    write_shard(tmp_path / "d" / "shard-000000.tar",
+                [good("s0-0"), ("bad", {"json": b"{", "png": png()}), good("s0-1"), good("s0-2")])
+    ids = [i for i in ids if not i.startswith("s0-") or i in ("s0-0", "s0-1", "s0-2")]
+    total = len(ids) + 1  # a multiple of the 4 readers: nothing is dropped
     counter = SkipCounter()
-    by_reader = _read_as_ranks(monkeypatch, tmp_path / "d", counter, world=2, workers=2)
-    assert sorted(by_reader) == [(0, 0), (0, 1), (1, 0), (1, 1)]  # every reader got something
+    by_reader, padded = _read_as_ranks(monkeypatch, tmp_path / "d", counter, world=2, workers=2)
+    assert sorted(by_reader) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert {len(got) for got in by_reader.values()} == {total // 4}  # equal shares
     everything = [i for got in by_reader.values() for i in got]
-    assert len(everything) == len(set(everything))  # disjoint, no sample twice
-    assert sorted(everything) == sorted(ids)  # together they cover the split
+    assert sorted(set(everything)) == sorted(ids)  # together they cover the split
+    # The bad record's place is taken by one repeat: no other sample is read twice.
+    assert len(everything) == total and padded == 1
+    assert [n for n in Counter(everything).values() if n > 1] == [2]
     assert counter.as_dict() == {**NO_SKIPS, "bad_json": 1}
 
 
-def test_sample_split_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fewer_shards_than_readers_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_good_shards(tmp_path, 2, 4)
     monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("RANK", "0")
-    ds = ShardDataset(tmp_path, encode_id, SkipCounter())
-    with pytest.warns(UserWarning, match="2 shards for 4 readers"):
-        got = list(ds)
-    assert len(got) == 2  # sample indices 0 and 4 of 8
+    got = []
+    for rank in range(4):
+        monkeypatch.setenv("RANK", str(rank))
+        ds = ShardDataset(tmp_path, encode_id, SkipCounter())
+        with pytest.warns(UserWarning, match="2 shards for 4 readers") if rank == 0 else (
+                warnings.catch_warnings()):
+            got.append([i for i, _, _ in ds])
+    assert [len(g) for g in got] == [2, 2, 2, 2]
+    assert len({i for g in got for i in g}) == 8
 
 
 def test_bad_tar_counted_once_from_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Even with every reader reading the truncated shard (sample split), it is counted once."""
-    write_good_shards(tmp_path, 2, 4)
+    """Every simulated rank indexes the truncated shard; only rank 0 counts it, and readers sharing
+    the shard stop before the damage."""
+    write_good_shards(tmp_path, 2, 6)
     shard = tmp_path / "shard-000001.tar"
     truncate(shard, member(shard, "s1-2.png").offset_data + 3)
     counter = SkipCounter()
-    by_reader = _read_as_ranks(monkeypatch, tmp_path, counter, world=2, workers=2)
+    by_reader, padded = _read_as_ranks(monkeypatch, tmp_path, counter, world=2, workers=2)
     got = sorted(i for ids in by_reader.values() for i in ids)
-    assert got == sorted([f"s0-{i}" for i in range(4)] + ["s1-0", "s1-1"])
-    assert counter.as_dict() == {**NO_SKIPS, "bad_tar": 1}
+    assert got == sorted([f"s0-{i}" for i in range(6)] + ["s1-0", "s1-1"])
+    assert counter.as_dict() == {**NO_SKIPS, "bad_tar": 1} and padded == 0
 
 
 def test_counter_and_epoch_shared_with_spawned_persistent_workers(tmp_path: Path) -> None:
@@ -314,10 +370,12 @@ def test_counter_and_epoch_shared_with_spawned_persistent_workers(tmp_path: Path
     for epoch in (0, 3):
         ds.set_epoch(epoch)  # after the workers exist: they must see it through shared memory
         out = list(loader)
-        assert len(out) == 6
+        assert len(out) == 8  # 8 indexed samples, 2 found bad and replaced by repeats
+        assert len({i for i, _, _ in out}) == 6
         assert {e for _, _, e in out} == {epoch}
     # Two passes over the same bad samples, counted in workers, visible here.
     assert counter.as_dict() == {**NO_SKIPS, "too_long": 2, "bad_record": 2}
+    assert ds.padded.as_dict() == {"padded": 4}
 
 
 def test_shuffle_changes_order_between_epochs_not_content(tmp_path: Path) -> None:

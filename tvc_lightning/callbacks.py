@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
+from tvc_lightning.hf import any_rank
 from tvc_lightning.pvc import PVCConfig, PVCResult, pvc_generate
 from tvc_lightning.pvc.attention import forgetting_curve
 from tvc_lightning.scoring import AnswerAccuracy, score_record
@@ -23,13 +26,7 @@ from tvc_lightning.scoring import AnswerAccuracy, score_record
 def all_ranks_any(local: bool) -> bool:
     """True if ``local`` is true on any rank (an all-reduce MAX; just ``local`` when not
     distributed). Passed to ``pvc_generate(sync=...)`` so ranks decode in step."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return local
-    backend = torch.distributed.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
-    flag = torch.tensor([int(local)], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+    return any_rank(local)
 
 
 def marked_response(result: PVCResult, tokenizer: Any) -> str:
@@ -184,6 +181,9 @@ class PVCGenerationCallback(L.Callback):
 class PredictionWriter(BasePredictionWriter):
     """Writes one JSON line per predicted sample: id, response, extracted, correct, calibrations.
 
+    A sample that could not be decoded (a control-token string in its question) has a line with
+    ``skipped`` (the reason) instead, and the skips are counted and reported at the end.
+
     Args:
         output_path: The JSONL file; with several ranks each writes ``NAME.rankR.jsonl``.
     """
@@ -192,15 +192,23 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_path = Path(output_path)
         self._opened: set[Path] = set()
+        self.skipped: Counter[str] = Counter()
+        self.written = 0
 
     def _path(self, trainer: L.Trainer) -> Path:
         if trainer.world_size == 1:
             return self.output_path
         return self.output_path.with_suffix(f".rank{trainer.global_rank}.jsonl")
 
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.skipped.clear()
+        self.written = 0
+
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            prediction: Any, batch_indices: Any, batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
+        from tvc_lightning.predict import SKIP_KEY
+
         path = self._path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         mode = "a" if path in self._opened else "w"  # a new run replaces an old file
@@ -208,3 +216,15 @@ class PredictionWriter(BasePredictionWriter):
         with path.open(mode, encoding="utf-8") as f:
             for line in prediction:
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                self.written += 1
+                if SKIP_KEY in line:
+                    self.skipped[str(line[SKIP_KEY]).split(":")[0]] += 1
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.skipped:
+            return
+        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
+        message = (f"predict: {sum(self.skipped.values())} of {self.written} samples skipped "
+                   f"({counts}); their lines in {self._path(trainer)} carry `skipped` and no "
+                   "response")
+        warnings.warn(message, stacklevel=1)

@@ -1,8 +1,10 @@
 """``python -m tvc_lightning export CKPT --out DIR``: a trained checkpoint as an HF model directory.
 
-The directory holds safetensors weights, ``config.json``, ``generation_config.json`` and the
-processor (tokenizer, chat template, image processor) of the checkpoint the run started from, so
-``Qwen2VLForConditionalGeneration.from_pretrained(DIR)`` and vLLM load it directly.
+The directory holds safetensors weights, ``config.json``, the ``generation_config.json`` of the
+checkpoint the run started from (its stop tokens and sampling defaults, copied as they are) and
+its processor (tokenizer, chat template, image processor), so
+``Qwen2VLForConditionalGeneration.from_pretrained(DIR)``, ``AutoProcessor.from_pretrained(DIR)``
+and vLLM load it directly.
 
 ``CKPT`` is a Lightning ``.ckpt`` file, a sharded FSDP2 checkpoint directory (torch.distributed.
 checkpoint, from ``ModelParallelStrategy``), or a DeepSpeed checkpoint directory (ZeRO shards),
@@ -12,13 +14,14 @@ which is first consolidated into one fp32 state dict (needs ``deepspeed``).
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tvc_lightning.hf import load_processor, resolve_dtype
+from tvc_lightning.hf import load_processor, resolve_checkpoint_path, resolve_dtype
 
 _PREFIX = "model."  # TVCModule keeps the HF model as its ``model`` attribute
 
@@ -90,6 +93,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
             state[key[len(_PREFIX):]] = value.to(target) if value.is_floating_point() else value
     if not state:
         raise ValueError(f"{checkpoint}: no '{_PREFIX}*' weights in its state_dict")
+    base = resolve_checkpoint_path(base, "--base-model (or the checkpoint's model_name_or_path)")
     config = AutoConfig.from_pretrained(base)
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(config)
@@ -97,6 +101,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    # save_pretrained writes a generation config rebuilt from config.json (a single eos id, no
+    # sampling defaults): the base checkpoint's own file is what it was trained to stop with.
+    source = Path(base) / "generation_config.json"
+    if source.exists():
+        shutil.copyfile(source, out / "generation_config.json")
     load_processor(base).save_pretrained(out)
     return out
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tvc_lightning.hf import check_checkpoint_path
+from tvc_lightning.hf import nonfinite_parameter, raise_nonfinite, resolve_checkpoint_path
 
 # Trainer precision -> FSDP2 mixed-precision policy: all-gather and compute in bf16, reduce
 # gradients in fp32 (the Trainer's autocast still runs on top; the fp32 master weights stay sharded).
@@ -39,8 +39,7 @@ def build_on_meta(path: str | Path, dtype: torch.dtype, attn_implementation: str
     """The model of checkpoint ``path`` with every parameter on the meta device (no memory)."""
     from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
-    check_checkpoint_path(path)
-    config = AutoConfig.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(resolve_checkpoint_path(path))
     with torch.device("meta"):
         return Qwen2VLForConditionalGeneration._from_config(
             config, dtype=dtype, attn_implementation=attn_implementation
@@ -72,19 +71,26 @@ def shard(model: Any, mesh: Any, policy: Any) -> None:
 def load_sharded(model: Any, path: str | Path, device: torch.device) -> None:
     """Fill a sharded meta model with checkpoint ``path``: rank 0 reads, every rank keeps its shards.
 
-    Must run on every rank at once (it broadcasts).
+    Must run on every rank at once (it broadcasts). Rank 0 checks the weights it read: NaN/inf
+    ones make every rank raise together, naming the file and tensor.
     """
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import Qwen2VLForConditionalGeneration
 
     rank = dist.get_rank()
-    full = None
+    path = resolve_checkpoint_path(path)
+    full, bad = None, None
     if rank == 0:
         # The stored dtype ("auto"): fp32 shards are filled by copying, so no fp32 copy is made.
         full = Qwen2VLForConditionalGeneration.from_pretrained(
-            str(path), dtype="auto", attn_implementation=model.config._attn_implementation
+            path, dtype="auto", attn_implementation=model.config._attn_implementation
         )
+        bad = nonfinite_parameter(full)
+    flag = torch.tensor([int(bad is not None)], device=device)
+    dist.broadcast(flag, src=0)
+    if flag.item():
+        raise_nonfinite(path, bad)
     model.to_empty(device=device)
     state = full.state_dict() if full is not None else {}
     set_model_state_dict(model, state, options=StateDictOptions(

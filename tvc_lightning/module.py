@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
+from tvc_lightning.data.packing import batch_samples, language_model_inputs
 from tvc_lightning.data.resume import WINDOW_LABELS_KEY
 from tvc_lightning.data.tokenize import IGNORE_INDEX
+from tvc_lightning.flops import ThroughputMeter, peak_flops
 from tvc_lightning.hf import load_model, resolve_dtype
 from tvc_lightning.loss import chunked_cross_entropy
-from tvc_lightning.pvc import PVCConfig, pvc_generate
+from tvc_lightning.pvc import PVCConfig
+from tvc_lightning.schedule import cosine_with_warmup
 from tvc_lightning.vision import encode_images, merged_grids, segment_features
 
 # Trainer precision -> dtype the weights are loaded in. Mixed precision keeps fp32 weights (autocast
@@ -49,6 +51,13 @@ class TVCModule(L.LightningModule):
             weighs the same, however many answer tokens it holds.
         attn_implementation: HF attention backend: ``sdpa``, ``eager`` or ``flash_attention_2``.
         generation: PVC decoding settings for validation by generation and ``predict``.
+        max_nonfinite_losses: Training steps whose loss is NaN or inf (on any rank) that are
+            tolerated, each skipped (no backward, no update), before the run stops with an
+            error; 0: the first one stops it. All ranks decide on the same all-reduced count, so
+            they stop together. Skipping needs one device or DDP (not DeepSpeed or FSDP2).
+        peak_tflops: The device's dense bf16 peak in TFLOP/s, the denominator of the logged
+            ``train/mfu``; default: looked up by GPU name (:data:`tvc_lightning.flops.PEAK_BF16_TFLOPS`),
+            none on CPU.
     """
 
     def __init__(
@@ -65,13 +74,18 @@ class TVCModule(L.LightningModule):
         loss_normalization: Literal["tokens", "micro_batch"] = "tokens",
         attn_implementation: str = "sdpa",
         generation: PVCConfig | None = None,
+        max_nonfinite_losses: int = 0,
+        peak_tflops: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generation"])
         self.generation = generation if generation is not None else PVCConfig()
         self.freeze_prefixes = ["visual"] if freeze is None else list(freeze)
         self.model: Any = None
-        self._batch_started = 0.0
+        self._meter = ThroughputMeter()
+        if max_nonfinite_losses < 0:
+            raise ValueError(f"model.max_nonfinite_losses must be >= 0, got {max_nonfinite_losses}")
+        self._nonfinite_losses = 0
 
     # -- model -----------------------------------------------------------------------------------
 
@@ -175,12 +189,12 @@ class TVCModule(L.LightningModule):
         return embeds.masked_scatter(mask.unsqueeze(-1), features)
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Final-norm hidden states ``(B, L, D)`` of the language model."""
-        out = self.model.model.language_model(
-            inputs_embeds=self.input_embeddings(batch),
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
+        """Final-norm hidden states ``(B, L, D)`` of the language model (packed batches: see
+        :mod:`tvc_lightning.data.packing`)."""
+        language_model = self.model.model.language_model
+        out = language_model(
+            inputs_embeds=self.input_embeddings(batch), use_cache=False,
+            **language_model_inputs(batch, language_model.config._attn_implementation),
         )
         return out.last_hidden_state
 
@@ -213,12 +227,17 @@ class TVCModule(L.LightningModule):
     # -- steps -----------------------------------------------------------------------------------
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._batch_started = time.perf_counter()
+        self._meter.start()
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def on_validation_start(self) -> None:
+        self._meter.pause()  # validation time is not training throughput
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss_sum, n_tokens = self.summed_loss(batch)
+        if self._nonfinite(loss_sum, batch_idx):
+            return None  # a tolerated bad step: Lightning skips its backward and update
         mean = loss_sum / n_tokens.clamp(min=1)
-        size = batch["input_ids"].shape[0]
+        size = batch_samples(batch)
         self.log("train/loss", mean.detach(), prog_bar=True, batch_size=size)
         self.log("train/dvr_injections_per_sample", batch["num_injections"].float().mean(),
                  batch_size=size)
@@ -235,6 +254,32 @@ class TVCModule(L.LightningModule):
         total = trainer.strategy.reduce(window.to(loss_sum.device, torch.float32), reduce_op="sum")
         return step_loss(loss_sum, total, divided, trainer.world_size)
 
+    def _nonfinite(self, loss_sum: torch.Tensor, batch_idx: int) -> bool:
+        """Is this step's loss NaN/inf on any rank? Raises once more such steps than
+        ``max_nonfinite_losses`` allows were seen; every rank reaches the same verdict."""
+        bad = (~torch.isfinite(loss_sum.detach())).to(torch.float32).reshape(1)
+        ranks = int(self.trainer.strategy.reduce(bad, reduce_op="sum").item())
+        if not ranks:
+            return False
+        self._nonfinite_losses += 1
+        allowed = self.hparams.max_nonfinite_losses
+        where = (f"training step {self.trainer.global_step} (batch {batch_idx} of epoch "
+                 f"{self.current_epoch}): the loss is {float(loss_sum.detach())} on this rank, not finite "
+                 f"on {ranks} of {self.trainer.world_size} rank(s)")
+        if self._nonfinite_losses > allowed:
+            raise FloatingPointError(
+                f"{where}; {self._nonfinite_losses} such step(s), model.max_nonfinite_losses="
+                f"{allowed} allows {allowed}. Stopping: a NaN update would ruin every weight. Check "
+                f"the weights at model.model_name_or_path={self.hparams.model_name_or_path!r} and "
+                "the data, or lower model.lr."
+            )
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"{where}; skipped ({self._nonfinite_losses} of model.max_nonfinite_losses="
+                       f"{allowed} used)")
+        self.log("train/nonfinite_losses", float(self._nonfinite_losses))
+        return True
+
     def _check_step_windows(self) -> None:
         trainer = self.trainer
         acc = trainer.accumulate_grad_batches
@@ -250,9 +295,7 @@ class TVCModule(L.LightningModule):
             )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        elapsed = time.perf_counter() - self._batch_started
-        tokens = float(batch["attention_mask"].sum())
-        self.log("train/tokens_per_s_per_device", tokens / max(elapsed, 1e-9))
+        self.log_dict(self._meter.step(self.model, batch))
         schedulers = self.lr_schedulers()
         if schedulers is not None:
             self.log("train/lr", schedulers.get_last_lr()[0])
@@ -260,38 +303,15 @@ class TVCModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self.loss(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True,
-                 batch_size=batch["input_ids"].shape[0])
-        return loss
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self.loss(batch)
-        self.log("test/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_samples(batch))
         return loss
 
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
-        """PVC-decode a batch of raw samples; one JSON-ready dict per (non-padding) sample."""
-        from tvc_lightning.callbacks import all_ranks_any
-        from tvc_lightning.scoring import score_record
+        """PVC-decode a batch of raw samples; one JSON-ready dict per (non-padding) sample, a
+        ``skipped`` one for a sample that cannot be decoded (see :mod:`tvc_lightning.predict`)."""
+        from tvc_lightning.predict import predict_rows
 
-        datamodule = self.trainer.datamodule
-        results = pvc_generate(
-            self.model, datamodule.processor, [item["record"].question for item in batch],
-            [item["images"] for item in batch], self.generation, chat=datamodule.encoder.chat,
-            sync=all_ranks_any,
-        )
-        lines = []
-        for item, result in zip(batch, results, strict=True):
-            if item["pad"]:
-                continue
-            extracted, correct = score_record(result.text, item["record"])
-            lines.append({
-                "id": item["record"].id, "response": result.text, "extracted": extracted,
-                "answer": item["record"].answer, "correct": correct,
-                "calibrations": [{"step": c.step, "trigger": c.trigger} for c in result.calibrations],
-                "finish_reason": result.finish_reason,
-            })
-        return lines
+        return predict_rows(self.model, self.trainer.datamodule, self.generation, batch)
 
     def _log_skipped(self) -> None:
         counter = getattr(getattr(self.trainer, "datamodule", None), "skip_counter", None)
@@ -324,6 +344,12 @@ class TVCModule(L.LightningModule):
         if states is not None:
             set_rng_state(states)
         self._check_step_windows()
+        peak = self.hparams.peak_tflops
+        self._meter.peak_flops = peak * 1e12 if peak else peak_flops(self.device)
+        if self.hparams.max_nonfinite_losses and isinstance(
+                self.trainer.strategy, DeepSpeedStrategy | ModelParallelStrategy):
+            raise ValueError("model.max_nonfinite_losses > 0 skips steps, which DeepSpeed and "
+                             "FSDP2 (ModelParallelStrategy) cannot: set it to 0")
 
     # -- optimization ----------------------------------------------------------------------------
 
@@ -362,16 +388,3 @@ def _is_sharded(param: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return hasattr(param, "ds_id") or isinstance(param, DTensor)
-
-
-def cosine_with_warmup(total_steps: int, warmup_ratio: float, min_ratio: float = 0.0):
-    """LR multiplier per step: linear warmup over ``warmup_ratio * total``, then cosine decay."""
-    warmup = int(math.ceil(warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor

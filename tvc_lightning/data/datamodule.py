@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
-import tarfile
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from tvc_lightning.data.collate import Collator
 from tvc_lightning.data.dvr import DVRTransform
+from tvc_lightning.data.epochs import ShardIndex, index_shards
+from tvc_lightning.data.packing import PackingCollator
 from tvc_lightning.data.resume import (
     POSITION_KEY,
     ResumableLoader,
@@ -38,11 +39,14 @@ from tvc_lightning.hf import load_processor
 
 
 class TVCDataModule(L.LightningDataModule):
-    """WebDataset shards -> DVR transform -> tokenize -> padded batches.
+    """WebDataset shards -> DVR transform -> tokenize -> padded (or packed) batches.
 
-    Training streams shards (split across ranks and DataLoader workers, shuffled, decoded safely,
-    bad records skipped and counted in ``skip_counter``). Validation is a finite split read once
-    and divided equally across ranks, so every rank runs the same number of steps.
+    Training streams shards in exact epochs: each epoch is a new permutation of every readable
+    sample, cut into equal shares for the ranks and their DataLoader workers, so every rank takes
+    the same number of steps and sees each sample once (see :mod:`tvc_lightning.data.epochs`).
+    Samples are decoded safely; bad records are skipped and counted in ``skip_counter``, and
+    replaced by repeats of the reader's good samples (counted as ``padded``) so the shares stay
+    equal. Validation is a finite split read once and divided equally across ranks.
 
     Resuming from a checkpoint continues the training stream exactly where it stopped, mid-epoch
     included: the checkpoint holds each worker's position in the epoch and the skip counts, and the
@@ -57,17 +61,29 @@ class TVCDataModule(L.LightningDataModule):
         predict_shards: Shards to answer with ``predict`` (default: ``val_shards``).
         batch_size: Samples per device per step.
         num_workers: DataLoader worker processes per device.
-        shuffle_buffer: Sample shuffle buffer per worker (0: shard order shuffle only).
-        resampled: Draw shards with replacement forever (epochs are ``train_samples`` long); use
-            it on many GPUs, where equal step counts per rank matter more than exact coverage.
-        train_samples: Samples per epoch; counted from the shards when they are local files.
+        shuffle_buffer: Sample shuffle buffer per worker (0: the epoch's shard order and tar
+            order within shards).
+        resampled: Instead of exact epochs, draw shards with replacement forever, each reader
+            independently (epochs are ``train_samples`` long and see only part of the data); for
+            remote shards, whose sample counts cannot be read from local tar headers.
+        train_samples: Exact epochs: the samples per epoch the run is planned for, checked against
+            the shards' index (a warning if it differs; the index wins). Resampled: the epoch
+            length (default: counted from local shards).
         max_length: Samples longer than this many tokens (after DVR) are skipped and counted.
         min_pixels: Override of the image processor's minimum pixels per image.
         max_pixels: Override of the image processor's maximum pixels per image (TVC: 512*512).
         question_suffix: Text appended to every question (e.g. TVC's long-reasoning instruction).
         dvr: The DVR transform; ``dvr.p: 0`` trains plain SFT on the same data.
-        seed: Seed of shard order, shuffle buffer and DVR choices.
+        seed: Seed of the epochs' shard order and sample permutation, of the shuffle buffer
+            and of the DataLoader's generator. DVR choices have their own seed, ``dvr.seed``.
         pad_to_multiple_of: Round padded batch length up to a multiple of this.
+        pack: Padding-free batches: each batch's ``batch_size`` samples are packed into rows of
+            at most ``max_length`` tokens (the layout with the fewest token slots), each sample
+            attending only to itself (see :mod:`tvc_lightning.data.packing`). A step still
+            takes ``batch_size`` samples, so step counts, resume and the token-normalized loss
+            are those of padded batches; raise ``batch_size`` (and lower
+            ``trainer.accumulate_grad_batches`` to match) for fuller forward passes. Training
+            and validation batches are packed.
     """
 
     def __init__(
@@ -88,6 +104,7 @@ class TVCDataModule(L.LightningDataModule):
         dvr: DVRTransform | None = None,
         seed: int = 0,
         pad_to_multiple_of: int = 1,
+        pack: bool = False,
     ) -> None:
         super().__init__()
         self.model_name_or_path = model_name_or_path
@@ -106,6 +123,7 @@ class TVCDataModule(L.LightningDataModule):
         self.dvr = dvr if dvr is not None else DVRTransform()
         self.seed = seed
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.pack = pack
         self.skip_counter = SkipCounter()
         self.encoder: SampleEncoder | None = None
         self.train_dataset: ShardDataset | None = None
@@ -124,14 +142,23 @@ class TVCDataModule(L.LightningDataModule):
                 processor, max_length=self.max_length, dvr=self.dvr,
                 chat=ChatFormat(question_suffix=self.question_suffix),
             )
-            self.collator = Collator(processor.tokenizer.pad_token_id, self.pad_to_multiple_of)
+            pad = processor.tokenizer.pad_token_id
+            self.collator = (PackingCollator(pad, self.max_length, self.pad_to_multiple_of)
+                             if self.pack else Collator(pad, self.pad_to_multiple_of))
         if stage in (None, "fit") and self.train_dataset is None:
+            index = None
+            if not self.resampled or self.train_samples is None:
+                index = shared_index(self.train_shards)
             self.train_dataset = ShardDataset(
                 self.train_shards, self.encoder, self.skip_counter,
                 shuffle_buffer=self.shuffle_buffer, seed=self.seed, resampled=self.resampled,
+                batch_size=self.batch_size, index=None if self.resampled else index,
             )
-            if self.train_samples is None:
-                self.train_samples = count_samples(self.train_shards)
+            if index is not None:
+                _nonempty(index, self.train_shards)
+            if self.resampled and self.train_samples is None:
+                assert index is not None
+                self.train_samples = index.total
         if stage in (None, "fit", "validate") and self.val_shards and self.val_dataset is None:
             self._setup_val()
         if stage == "predict" and self.predict_items is None:
@@ -189,12 +216,37 @@ class TVCDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None, "setup('fit') first"
         _, world = dist_rank_world()
-        length = max(1, (self.train_samples or 0) // world)
+        if self.resampled:
+            length = max(1, (self.train_samples or 0) // world)
+        else:
+            length = self._exact_epoch_length(world)
         return ResumableLoader(
             ResumableStream(self.train_dataset, length, self.resume_plan),
             on_start=self._start_train_epoch, collate_fn=TaggedCollate(self.collator),
             **self._loader_args(self.num_workers),
         )
+
+    def _exact_epoch_length(self, world: int) -> int:
+        """Samples per epoch on this rank (what its workers yield), with the split reported."""
+        assert self.train_dataset is not None
+        workers = max(1, self.num_workers)
+        split = self.train_dataset.split(world * workers)
+        rank_zero_info(
+            f"exact epochs: {split.total} readable samples in {len(split.sizes)} shards, "
+            f"{split.kept} per epoch = {world} ranks x {workers} workers x {split.per_reader}"
+        )
+        if split.dropped:
+            rank_zero_warn(
+                f"{split.dropped} of {split.total} training samples are left out of each epoch (a "
+                f"different remainder each epoch) so that each of {world} ranks x {workers} "
+                f"workers gets {split.per_reader} samples, a multiple of batch_size {self.batch_size}"
+            )
+        if self.train_samples is not None and self.train_samples != split.kept:
+            rank_zero_warn(
+                f"data.train_samples={self.train_samples}, but the shards give {split.kept} "
+                f"samples per epoch: training {split.kept}"
+            )
+        return split.per_reader * workers
 
     def _start_train_epoch(self) -> StepWindows:
         """Set the epoch (and on resume, the fast-forward) just before the workers start reading;
@@ -212,10 +264,14 @@ class TVCDataModule(L.LightningDataModule):
                                  self.batch_size, epoch)
             self._resume_state = None
             self.skip_counter.restore(resume.skipped)
+            self.train_dataset.padded.restore(resume.skipped)
             if resume.skips:
                 self.resume_plan.arm(epoch, resume.shift, resume.skips)
             rank_zero_info(f"resuming the training stream in epoch {epoch}: rank 0 skips "
                            f"{sum(resume.skips)} samples already trained on")
+        padded = self.train_dataset.padded.as_dict()["padded"]
+        if padded:
+            rank_zero_info(f"rank 0 has replaced {padded} bad training samples with repeats so far")
         self.train_dataset.set_epoch(epoch)
         return self._step_windows()
 
@@ -251,9 +307,13 @@ class TVCDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Stream position and skip counts of every rank (collective: all ranks call it)."""
-        return checkpoint_state(self.trainer, self._position, self.skip_counter.as_dict(),
-                                self.batch_size, self.num_workers)
+        """Stream position and skip (and padding) counts of every rank (collective: all ranks
+        call it)."""
+        counts = self.skip_counter.as_dict()
+        if self.train_dataset is not None:
+            counts.update(self.train_dataset.padded.as_dict())
+        return checkpoint_state(self.trainer, self._position, counts, self.batch_size,
+                                self.num_workers)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the checkpoint's stream state until the first training batch is requested
@@ -289,22 +349,36 @@ class _ListDataset(Dataset):
         return self.items[i]
 
 
-def count_samples(urls: str) -> int:
-    """Samples (distinct keys with a ``.json`` member) in local shards; reads tar headers only."""
+def shared_index(urls: str) -> ShardIndex:
+    """The shards' :class:`ShardIndex`, scanned by rank 0 and sent to the others: every rank must
+    split epochs from the same sizes, or their shares would overlap."""
     paths = resolve_urls(urls)
-    keys: set[tuple[str, str]] = set()
-    for path in paths:
-        if "://" in path or path.startswith("pipe:"):
-            raise ValueError(
-                f"data.train_shards={urls!r} is remote: set data.train_samples to the epoch length"
-            )
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return index_shards(paths)
+    found: list[ShardIndex | str | None] = [None]
+    if torch.distributed.get_rank() == 0:
         try:
-            with tarfile.open(path) as tar:
-                for name in tar.getnames():
-                    if name.endswith(".json"):
-                        keys.add((path, name[: -len(".json")]))
-        except (tarfile.TarError, OSError):
-            continue  # unreadable shards are counted as bad_tar when the stream reaches them
-    if not keys:
-        raise FileNotFoundError(f"data.train_shards={urls!r}: no samples found")
-    return len(keys)
+            found[0] = index_shards(paths)
+        except (OSError, ValueError) as e:  # raised on every rank below, not just this one
+            found[0] = f"{type(e).__name__}: {e}"
+    torch.distributed.broadcast_object_list(found, src=0)
+    if not isinstance(found[0], ShardIndex):
+        raise ValueError(f"data.train_shards={urls!r}: {found[0]}")
+    return found[0]
+
+
+def _nonempty(index: ShardIndex, urls: str) -> ShardIndex:
+    if not index.total:
+        raise FileNotFoundError(f"data.train_shards={urls!r}: no readable samples found "
+                                f"({len(index.damaged)} damaged shard(s))")
+    return index
+
+
+def count_samples(urls: str) -> int:
+    """Readable samples in local shards, from tar headers only; a damaged shard counts the
+    samples before its damage (less the last one, which may be incomplete)."""
+    try:
+        index = index_shards(resolve_urls(urls))
+    except ValueError as e:
+        raise ValueError(f"data.train_shards={urls!r}: {e}") from None
+    return _nonempty(index, urls).total

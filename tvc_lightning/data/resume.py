@@ -9,7 +9,9 @@ worker 0 first, continues the round-robin exactly where the interrupted run was.
 
 Why the position is measured in the main process rather than derived from the step count: the
 DataLoader deals batches round-robin over the workers that still have data, so once a worker runs
-dry near the end of an epoch, "batch j came from worker j % W" no longer holds. Every training
+dry near the end of an epoch, "batch j came from worker j % W" no longer holds. (Exact epochs give
+every worker an equal share in whole batches, but a resampled stream or a resume with another
+topology does not, and a tag costs nothing.) Every training
 batch therefore carries a small tag (epoch, worker) added in the worker and removed in
 :meth:`TVCDataModule.on_before_batch_transfer`, where the consumed batches are counted.
 
@@ -103,17 +105,19 @@ class ResumePlan:
             return shift, self._data[2 + (worker + shift) % self.workers]
 
 
-def fast_forward(stream: Iterator[Any], n: int, counter: SkipCounter) -> int:
+def fast_forward(stream: Iterator[Any], n: int, *counters: SkipCounter) -> int:
     """Drop the first ``n`` items of ``stream``; returns how many there were.
 
-    Input skipped as bad on the way was counted before the checkpoint and the counter was restored
-    from it, so this worker's counting pauses meanwhile.
+    Input skipped as bad (or padded) on the way was counted before the checkpoint and the
+    ``counters`` were restored from it, so this worker's counting pauses meanwhile.
     """
-    counter.paused = True
+    for counter in counters:
+        counter.paused = True
     try:
         return sum(1 for _ in itertools.islice(stream, n))
     finally:
-        counter.paused = False
+        for counter in counters:
+            counter.paused = False
 
 
 class ResumableStream(IterableDataset):
@@ -121,7 +125,8 @@ class ResumableStream(IterableDataset):
 
     Args:
         dataset: The shard stream.
-        length: Nominal samples per epoch: the epoch length Lightning plans with.
+        length: This rank's samples per epoch: the epoch length Lightning plans with. In exact
+            epochs it is what the workers yield (equal shares, bad samples replaced by repeats).
         plan: Shared resume plan (armed by the data module on resume).
     """
 
@@ -139,7 +144,7 @@ class ResumableStream(IterableDataset):
         logical = (worker + shift) % workers
         stream = self.dataset.iterate(epoch, logical)
         if skip:
-            skipped = fast_forward(stream, skip, self.dataset.counter)
+            skipped = fast_forward(stream, skip, self.dataset.counter, self.dataset.padded)
             log.info("worker %d (stream %d) resumed epoch %d after %d samples", worker, logical,
                      epoch, skipped)
         tag = (epoch, logical)

@@ -7,19 +7,25 @@ DVR adds ``bridge + <|vision_start|> pooled pads <|vision_end|>`` inside the res
 holding stored bridges (offline DVR) gets the pooled image after each of them. Labels come
 from character spans through the tokenizer's offsets: the response, the bridging prompts and the
 closing ``<|im_end|>`` are learned; image tokens, the system prompt and the question never are.
+
+Conversation records (``turns``) are rendered the way the chat template renders their messages:
+the record's system prompt (else the default), each user turn with its images where its
+``<image>`` placeholders are, each assistant turn learned with its ``<|im_end|>``. DVR plans only
+inside long-CoT turns (``Turn.dvr``; a single-turn record's response is one), re-showing the
+images seen so far; the question suffix goes to the user turn each of them answers.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
 
 from tvc_lightning.data.dvr import DEFAULT_POOL_KERNEL, DVRTransform, Injection
-from tvc_lightning.data.schema import SampleRecord
+from tvc_lightning.data.schema import IMAGE_PLACEHOLDER, SampleRecord, response_turn
 from tvc_lightning.data.shards import SkipSample
 from tvc_lightning.vision import merged_grids, mrope_positions, pooled_grid
 
@@ -95,9 +101,12 @@ class SampleEncoder:
         self._check(record, images)
         vision = self.image_processor(images=images, return_tensors="pt")
         grids = merged_grids(vision["image_grid_thw"], self.merge_size)
-        response, stored = self._response(record)
-        plan = self.dvr.plan(record.id, response, epoch, stored) if self.dvr is not None else []
-        text, targets, segments = self._layout(record.question, response, grids, stored, plan)
+        turns = self._turns(record, len(images))
+        plans = {
+            i: self.dvr.plan(t.plan_id, t.text, epoch, t.stored)
+            for i, t in enumerate(turns) if t.dvr and t.shown and self.dvr is not None
+        }
+        text, targets, segments = self._layout(record, turns, grids, plans)
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
         input_ids = torch.tensor(enc["input_ids"], dtype=torch.long)
         if input_ids.numel() > self.max_length:
@@ -112,7 +121,8 @@ class SampleEncoder:
             "pixel_values": vision["pixel_values"],
             "image_grid_thw": vision["image_grid_thw"],
             "visual_segments": visual_segments,
-            "num_injections": len(stored) + len(plan),
+            "num_injections": sum(len(t.stored) for t in turns)
+            + sum(len(p) for p in plans.values()),
         }
 
     def longest(self, record: SampleRecord, images: list[Image.Image]) -> int:
@@ -121,83 +131,126 @@ class SampleEncoder:
         Every plan DVR can draw is measured with the real layout and tokenizer for one injection
         (each free point with each bridge); for ``max_injections > 1`` the largest per-point
         increases are summed (a cut changes the tokenization only next to itself, and cuts sit at
-        different sentence starts). Raises :class:`SkipSample` for what ``__call__`` would skip
-        regardless of length (no image, control-token text).
+        different sentence starts), and so are those of each long-CoT turn of a conversation.
+        Raises :class:`SkipSample` for what ``__call__`` would skip regardless of length (no
+        image, control-token text).
         """
         self._check(record, images)
         vision = self.image_processor(images=images, return_tensors="pt")
         grids = merged_grids(vision["image_grid_thw"], self.merge_size)
-        response, stored = self._response(record)
+        turns = self._turns(record, len(images))
 
-        def length(plan: list[Injection]) -> int:
-            text = self._layout(record.question, response, grids, stored, plan)[0]
+        def length(plans: dict[int, list[Injection]]) -> int:
+            text = self._layout(record, turns, grids, plans)[0]
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-        base = length([])
+        base = length({})
         if self.dvr is None or self.dvr.p <= 0.0:
             return base
-        gains = sorted(
-            (
-                max(length([Injection(point, bridge)]) for bridge in dict.fromkeys(self.dvr.bridges))
-                - base
-                for point in self.dvr.candidates(response, stored)
-            ),
-            reverse=True,
-        )
-        with_dvr = base + sum(gains[: self.dvr.budget(stored)])
+        with_dvr = base
+        for i, turn in enumerate(turns):
+            if not (turn.dvr and turn.shown):
+                continue
+            gains = sorted(
+                (
+                    max(length({i: [Injection(point, b)]}) for b in dict.fromkeys(self.dvr.bridges))
+                    - base
+                    for point in self.dvr.candidates(turn.text, turn.stored)
+                ),
+                reverse=True,
+            )
+            with_dvr += sum(gains[: self.dvr.budget(turn.stored)])
         # Below p = 1 some epochs skip DVR: the longer of the two is the bound.
         return with_dvr if self.dvr.p >= 1.0 else max(base, with_dvr)
 
     def _check(self, record: SampleRecord, images: list[Image.Image]) -> None:
         if not images:
             raise SkipSample("bad_record")
-        if self._special.search(record.question) or self._special.search(record.response):
-            raise SkipSample("bad_record", f"{record.id}: control-token text in question/response")
+        texts = [record.question, record.response, record.system or ""]
+        texts += [t.content for t in record.turns or ()]
+        if any(self._special.search(t) for t in texts):
+            raise SkipSample("bad_record", f"{record.id}: control-token text in the conversation")
+        if record.image_count is not None and record.image_count != len(images):
+            raise SkipSample("bad_record", f"{record.id}: {record.image_count} <image> placeholders "
+                             f"but {len(images)} images")
 
-    @staticmethod
-    def _response(record: SampleRecord) -> tuple[str, list[tuple[int, int]]]:
-        """The stripped response and its stored bridge spans moved onto it."""
-        response = record.response.strip()
-        lead = len(record.response) - len(record.response.lstrip())
-        stored = [
-            (min(max(a - lead, 0), len(response)), min(max(b - lead, 0), len(response)))
-            for a, b in record.bridge_spans or ()
-        ]
-        return response, stored
+    def _turns(self, record: SampleRecord, n_images: int) -> list[_Turn]:
+        """The record as turns to render; a single-turn record is its images, question, response."""
+        if record.turns is None:
+            text, stored = _stripped(record.response, record.bridge_spans)
+            question = record.question + self.chat.question_suffix
+            return [_Turn("user", [*range(n_images), question]),
+                    _Turn("assistant", [text], True, record.id, stored, n_images)]
+        turns: list[_Turn] = []
+        main = response_turn(record.turns)
+        shown = 0
+        for i, turn in enumerate(record.turns):
+            if turn.role == "user":
+                pieces: list[str | int] = []
+                for j, text in enumerate(turn.content.split(IMAGE_PLACEHOLDER)):
+                    if j:
+                        pieces.append(shown)
+                        shown += 1
+                    pieces.append(text)
+                answered_by_cot = i + 1 < len(record.turns) and record.turns[i + 1].dvr
+                if answered_by_cot:
+                    pieces.append(self.chat.question_suffix)
+                turns.append(_Turn("user", pieces))
+                continue
+            spans = record.bridge_spans if i == main else None
+            text, stored = _stripped(turn.content, spans)
+            plan_id = record.id if i == main else f"{record.id}#{i}"
+            turns.append(_Turn("assistant", [text], turn.dvr, plan_id, stored, shown))
+        return turns
 
     def _layout(
         self,
-        question: str,
-        response: str,
+        record: SampleRecord,
+        turns: list[_Turn],
         grids: list[tuple[int, int]],
-        stored: list[tuple[int, int]],
-        plan: list[Injection],
+        plans: dict[int, list[Injection]],
     ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
         """The full text, its learned character spans, and its visual segments in order.
 
         Images follow each stored bridge (its text is already in the response) and each planned
         bridge (inserted here); a plan never lands on a stored point (see ``DVRTransform``).
         """
-        text = self.chat.prompt(question, [h * w for h, w in grids])
-        segments = [(i, 1) for i in range(len(grids))]
+        system = self.chat.system_prompt if record.system is None else record.system
+        text = f"<|im_start|>system\n{system}<|im_end|>\n"
+        segments: list[tuple[int, int]] = []
         targets: list[tuple[int, int]] = []
         k = self.pool_kernel
-        points = sorted([(end, "") for _, end in stored] + [(i.offset, i.bridge) for i in plan])
-        cursor = 0
-        for offset, bridge in points:
-            # Response text up to the point, then the bridging prompt (if planned): all learned.
+        for i, turn in enumerate(turns):
+            text += f"<|im_start|>{turn.role}\n"
+            if turn.role == "user":
+                for piece in turn.pieces:
+                    if isinstance(piece, str):
+                        text += piece
+                    else:
+                        h, w = grids[piece]
+                        text += self.chat.image(h * w)
+                        segments.append((piece, 1))
+                text += "<|im_end|>\n"
+                continue
+            response = turn.pieces[0]
+            assert isinstance(response, str)
+            points = sorted([(end, "") for _, end in turn.stored]
+                            + [(p.offset, p.bridge) for p in plans.get(i, [])])
+            cursor = 0
+            for offset, bridge in points:
+                # Response text up to the point, then the bridging prompt (if planned): all learned.
+                start = len(text)
+                text += response[cursor:offset] + bridge
+                targets.append((start, len(text)))
+                for j in range(turn.shown):
+                    ph, pw = pooled_grid(*grids[j], k)
+                    text += self.chat.image(ph * pw)
+                    segments.append((j, k))
+                cursor = offset
             start = len(text)
-            text += response[cursor:offset] + bridge
+            text += response[cursor:] + "<|im_end|>"
             targets.append((start, len(text)))
-            for i, (h, w) in enumerate(grids):
-                ph, pw = pooled_grid(h, w, k)
-                text += self.chat.image(ph * pw)
-                segments.append((i, k))
-            cursor = offset
-        start = len(text)
-        text += response[cursor:] + "<|im_end|>"
-        targets.append((start, len(text)))
-        text += "\n"
+            text += "\n"
         return text, targets, segments
 
     def _labels(
@@ -210,3 +263,30 @@ class SampleEncoder:
         # Image placeholders are never learned, even if a span were ever to cover one.
         learned &= input_ids != self.image_token_id
         return torch.where(learned, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+
+
+@dataclass
+class _Turn:
+    """A turn ready to render: user ``pieces`` are text and image indices; an assistant turn's
+    single piece is its stripped text, with its stored bridges, DVR eligibility and the number of
+    images ``shown`` before it (those DVR shows again)."""
+
+    role: str
+    pieces: list[str | int]
+    dvr: bool = False
+    plan_id: str = ""
+    stored: list[tuple[int, int]] = field(default_factory=list)
+    shown: int = 0
+
+    @property
+    def text(self) -> str:
+        return str(self.pieces[0])
+
+
+def _stripped(response: str, spans: Any) -> tuple[str, list[tuple[int, int]]]:
+    """A response stripped of surrounding blanks and its stored bridge spans moved onto it."""
+    text = response.strip()
+    lead = len(response) - len(response.lstrip())
+    stored = [(min(max(a - lead, 0), len(text)), min(max(b - lead, 0), len(text)))
+              for a, b in spans or ()]
+    return text, stored
