@@ -7,6 +7,9 @@ largest shape), and a response that enumerates the shapes, keeps tallies, someti
 
 Every sample comes from its own generator seeded by ``(seed, split, index)``, so a sample does not
 depend on how many others are generated and the output is identical for the same seed.
+
+``--task late_lookup`` writes another task instead (:mod:`data_engine.synth_late`): a grid of
+coloured cells whose queried cell the chain names only after a long arithmetic detour.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ REFLECTIONS = (
     "But wait, I should make sure I did not miss anything.",
     "Let me double-check by looking at the image again.",
 )
+TASKS = ("shapes", "late_lookup")
 _ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
 
 
@@ -368,6 +372,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest image side in px (the smallest is about 2/7 of it)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace shards an earlier run left in OUT")
+    parser.add_argument("--task", choices=TASKS, default="shapes",
+                        help="shapes: counting/comparing coloured shapes; late_lookup: a grid "
+                             "cell's colour, named only after a long arithmetic detour "
+                             "(data_engine/synth_late.py)")
+    parser.add_argument("--detour-steps", type=int, default=10,
+                        help="late_lookup: typical number of arithmetic steps before the lookup "
+                             "(each sample draws from about 0.75x to 1.25x of it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -378,6 +389,7 @@ def run(args: argparse.Namespace) -> int:
             ("--samples-per-shard", args.samples_per_shard, 1),
             ("--num-train", args.num_train, 0),
             ("--num-val", args.num_val, 0),
+            ("--detour-steps", args.detour_steps, 1),
         )
         if value < low
     ]
@@ -387,10 +399,18 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     counts = {}
     for split, num in (("train", args.num_train), ("val", args.num_val)):
-        shards = write_split(
-            args.out, split, num, args.seed, args.samples_per_shard, args.image_size,
-            overwrite=args.overwrite,
-        )
+        if args.task == "late_lookup":
+            from data_engine import synth_late
+
+            shards = synth_late.write_split(
+                args.out, split, num, args.seed, args.samples_per_shard, args.image_size,
+                detour_steps=args.detour_steps, overwrite=args.overwrite,
+            )
+        else:
+            shards = write_split(
+                args.out, split, num, args.seed, args.samples_per_shard, args.image_size,
+                overwrite=args.overwrite,
+            )
         counts[split] = (num, len(shards))
     print(
         f"synth: wrote {counts['train'][0]} train samples ({counts['train'][1]} shard(s)) and "

@@ -271,3 +271,107 @@ def test_attention_records_every_decode_step_and_none_for_first_token_stops(tiny
                               measure_attention=True)
     for result in first_only:
         assert result.num_generated == 1 and result.attention.shape == (0, layers, 2)
+
+
+# --- hide_image_at: the image-removal experiment ------------------------------------------------
+
+PLAIN = PVCConfig(max_calibrations=0, max_new_tokens=16, min_new_tokens=16)
+
+
+def _full_forward_greedy(model, processor, question, images, n_tokens, hide_at, tokens):
+    """Reference without the decoder's bookkeeping: one forward over prompt + ``tokens`` with a
+    4-D mask hiding the image pads from the query that predicts answer token ``hide_at`` on;
+    returns the greedy choice at each answer position (end-of-turn and placeholders excluded,
+    as ``min_new_tokens`` and the decoder do)."""
+    from tvc_lightning.vision import encode_images
+
+    tok = processor.tokenizer
+    vision = processor.image_processor(images=images, return_tensors="pt")
+    grids = merged_grids(vision["image_grid_thw"], 2)
+    prompt = tok(ChatFormat().prompt(question, [h * w for h, w in grids]),
+                 add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(prompt + tokens[:n_tokens - 1])
+    pad = model.config.image_token_id
+    features = encode_images(model.model.visual, vision["pixel_values"], vision["image_grid_thw"])
+    embeds = model.get_input_embeddings()(ids)[None]
+    embeds = embeds.masked_scatter((ids == pad)[None, :, None], torch.cat(features))
+    n = len(ids)
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    query = torch.arange(n)[:, None]
+    allowed &= ~((ids == pad)[None, :] & (query >= len(prompt) - 1 + hide_at))
+    mask = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+    positions = mrope_positions(ids, pad, grids)[:, None]
+    with torch.no_grad():
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                            position_ids=positions).last_hidden_state
+        logits = model.lm_head(hidden[0, len(prompt) - 1:])
+    banned = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) + [
+        pad, model.config.video_token_id]
+    logits[:, banned] = float("-inf")
+    return logits.argmax(-1).tolist()
+
+
+def test_hide_at_the_answer_end_equals_the_unmodified_decode(tiny):
+    model, processor = tiny
+    base = pvc_generate(model, processor, QUESTIONS, _images(), PLAIN)
+    lengths = [r.num_generated for r in base]
+    at_end = pvc_generate(model, processor, QUESTIONS, _images(), PLAIN, hide_image_at=lengths)
+    assert [r.token_ids for r in at_end] == [r.token_ids for r in base]
+    assert all(r.image_hidden_at is None for r in at_end)
+    # One token earlier the last answer token is chosen blind; at 0 the whole answer is: the
+    # hide must change what the model writes somewhere (else it did not hide anything).
+    blind = pvc_generate(model, processor, QUESTIONS, _images(), PLAIN, hide_image_at=[0, 0, 0])
+    assert any(a.token_ids != b.token_ids for a, b in zip(blind, base, strict=True))
+    assert all(r.image_hidden_at == 0 for r in blind)
+
+
+@pytest.mark.parametrize("hide", [[0, 5, 11], [3, None, 1]])
+def test_hide_zeroes_the_original_share_from_its_step_on(tiny, hide):
+    model, processor = tiny
+    results = pvc_generate(model, processor, QUESTIONS, _images(), PLAIN, hide_image_at=hide,
+                           measure_attention=True)
+    for s, result in zip(hide, results, strict=True):
+        original = result.attention[..., 0]  # row k: decode step k + 1, predicting token k + 1
+        steps = torch.arange(1, len(original) + 1)
+        if s is None:
+            assert (original > 0).all() and result.image_hidden_at is None
+            continue
+        assert result.image_hidden_at == s
+        assert (original[steps >= s] == 0).all()
+        assert (original[steps < s] > 0).all() and (steps < s).sum() == max(s - 1, 0)
+        assert (result.attention[..., 1] == 0).all()  # nothing was re-injected
+
+
+@pytest.mark.parametrize("hide", [[0, 4, 9], [2, 13, None]])
+def test_hide_kv_reuse_equals_recompute_and_a_masked_full_forward(tiny, hide):
+    model, processor = tiny
+    kv = pvc_generate(model, processor, QUESTIONS, _images(), PLAIN, hide_image_at=hide)
+    naive = pvc_generate(model, processor, QUESTIONS, _images(), PLAIN, hide_image_at=hide,
+                         recompute=True)
+    assert [r.token_ids for r in kv] == [r.token_ids for r in naive]
+    for question, images, s, result in zip(QUESTIONS, _images(), hide, kv, strict=True):
+        s = 10**9 if s is None else s
+        assert result.token_ids == _full_forward_greedy(model, processor, question, images, 16, s,
+                                                        result.token_ids)
+
+
+def test_hide_with_calibrations_matches_recompute(tiny):
+    """A hide before PVC's first calibration (reset none) keeps the image hidden afterwards, in
+    the cached path and in the re-prefill alike."""
+    model, processor = tiny
+    config = PVCConfig(reset="none", max_new_tokens=30, min_new_tokens=30)
+    runs = [pvc_generate(model, processor, QUESTIONS, _images(), config, recompute=recompute,
+                         triggers=ScriptedTriggers(SCRIPT), hide_image_at=[2, 3, 0],
+                         measure_attention=not recompute) for recompute in (False, True)]
+    for a, b in zip(*runs, strict=True):
+        assert a.token_ids == b.token_ids and a.calibrations == b.calibrations
+        assert (a.attention[a.image_hidden_at - 1 if a.image_hidden_at else 0:, :, 0] == 0).all()
+        assert (a.attention[a.calibrations[0].decode_step - 1:, :, 1] > 0).all()
+
+
+def test_hide_image_at_is_checked(tiny):
+    model, processor = tiny
+    with pytest.raises(ValueError, match="hide_image_at has 1 entries"):
+        pvc_generate(model, processor, QUESTIONS[:2], _images()[:2], PLAIN, hide_image_at=[1])
+    with pytest.raises(ValueError, match="ints >= 0"):
+        pvc_generate(model, processor, QUESTIONS[:1], _images()[:1], PLAIN, hide_image_at=[-1])

@@ -29,6 +29,18 @@ def all_ranks_any(local: bool) -> bool:
     return any_rank(local)
 
 
+def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over ranks (itself when not distributed); NCCL needs it on the GPU."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    device = tensor.device
+    if torch.distributed.get_backend() == "nccl":
+        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    tensor = tensor.clone()
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor.to(device)
+
+
 def marked_response(result: PVCResult, tokenizer: Any) -> str:
     """The response text with ``⟦PVC trigger@step⟧`` where each calibration's chunk was injected."""
     pieces, start = [], 0
@@ -52,7 +64,10 @@ class PVCGenerationCallback(L.Callback):
     curve (attention share on the original image and on re-injected copies, averaged over layers
     and samples, in ``curve_bins`` bins of response position) as scalars and a W&B chart; and a
     W&B table of samples (image, question, response with calibration markers, extracted, gold,
-    correct).
+    correct). With ``per_layer``, also the curve per layer (averaged over the samples of all
+    ranks): a W&B table ``val/visual_attention_per_layer`` (mode, layer, bin, original, copy) and
+    a heat map image ``val/visual_attention_heatmap`` (layer x response position, calibrations
+    marked), as ``python -m tvc_lightning analyze forgetting`` draws it.
 
     Args:
         compare_plain: Also decode without calibrations, for the side-by-side accuracy.
@@ -63,12 +78,16 @@ class PVCGenerationCallback(L.Callback):
             only); a standalone ``validate`` always decodes.
         measure_attention: Measure the visual-attention shares while decoding (hooks; small cost).
         curve_bins: Response-position bins of the visual-forgetting curve.
+        per_layer: Also log the per-layer curves (a W&B table and a heat map; no scalars, so the
+            number of logged keys does not grow with the model's depth). Off by default.
     """
 
     def __init__(self, compare_plain: bool = True, max_samples: int | None = None,
                  batch_size: int = 8, table_rows: int = 16, every_n_epochs: int = 1,
-                 measure_attention: bool = True, curve_bins: int = 8) -> None:
+                 measure_attention: bool = True, curve_bins: int = 8,
+                 per_layer: bool = False) -> None:
         self.measure_attention = measure_attention
+        self.per_layer = per_layer
         self.curve_bins = curve_bins
         self.compare_plain = compare_plain
         self.max_samples = max_samples
@@ -100,11 +119,20 @@ class PVCGenerationCallback(L.Callback):
             modes["plain"] = replace(config, max_calibrations=0)
         rows: list[dict[str, Any]] = []
         curves: dict[str, torch.Tensor] = {}
+        layer_curves: dict[str, torch.Tensor] = {}
+        marks: dict[str, list[float]] = {}
         for name, mode_config in modes.items():
             accuracy = AnswerAccuracy().to(pl_module.device)
             generated = calibrations = 0
             elapsed = 0.0
             sample_curves = []
+            layer_sums = layer_counts = None
+            if self.per_layer and self.measure_attention:
+                model_config = pl_module.model.config
+                layers = getattr(model_config, "text_config", model_config).num_hidden_layers
+                layer_sums = torch.zeros(self.curve_bins, layers, 2, device=pl_module.device)
+                layer_counts = torch.zeros_like(layer_sums)
+                marks[name] = []
             for start in range(0, len(records), self.batch_size):
                 chunk = records[start:start + self.batch_size]
                 began = time.perf_counter()
@@ -125,6 +153,13 @@ class PVCGenerationCallback(L.Callback):
                         # (bins, layers, 2) -> mean over layers: (bins, 2) original / copy
                         curve = forgetting_curve(result.attention, self.curve_bins)
                         sample_curves.append(curve.nanmean(dim=1))
+                        if layer_sums is not None:
+                            curve = curve.to(layer_sums.device)
+                            layer_sums += curve.nan_to_num()
+                            layer_counts += ~curve.isnan()
+                            steps = len(result.attention)
+                            marks[name] += [(c.decode_step - 1) / steps for c in result.calibrations
+                                            if 0 < c.decode_step <= steps]
                     if name == "pvc" and len(rows) < self.table_rows:
                         rows.append({"record": record, "image": images[0], "extracted": extracted,
                                      "correct": correct, "response": marked_response(
@@ -136,6 +171,11 @@ class PVCGenerationCallback(L.Callback):
             pl_module.log(f"val/{name}_tokens_per_s", generated / max(elapsed, 1e-9), sync_dist=True)
             if name == "pvc":
                 pl_module.log("val/pvc_calibrations_per_sample", calibrations / n, sync_dist=True)
+            if layer_sums is not None:
+                # Every rank takes part (a collective), even one that measured nothing.
+                layer_sums, layer_counts = _sum_over_ranks(layer_sums), _sum_over_ranks(layer_counts)
+                if bool(layer_counts.any()):
+                    layer_curves[name] = (layer_sums / layer_counts).cpu()  # 0/0: NaN, no tokens
             if sample_curves:
                 curves[name] = torch.stack(sample_curves).nanmean(dim=0)
                 for k, (original, copy) in enumerate(curves[name].tolist()):
@@ -144,6 +184,25 @@ class PVCGenerationCallback(L.Callback):
                     pl_module.log(f"val/visual_attention/{name}_copy_bin{k}", copy, sync_dist=True)
         self._log_table(trainer, rows)
         self._log_curve(trainer, curves)
+        self._log_per_layer(trainer, layer_curves, marks)
+
+    def _log_per_layer(self, trainer: L.Trainer, curves: dict[str, torch.Tensor],
+                       marks: dict[str, list[float]]) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers or not curves or trainer.global_rank != 0:
+            return
+        import wandb
+
+        from tvc_lightning.analyze.plots import curve_rows, figure_image, forgetting_figure, nan_to_none
+
+        table = wandb.Table(columns=["mode", "layer", "bin", "original", "copy"],
+                            data=[[m, lay, b, nan_to_none(o), nan_to_none(c)]
+                                  for m, lay, b, o, c in curve_rows(curves)])
+        # Calibration marks are rank 0's samples only: they locate the injections, not a mean.
+        figure = forgetting_figure(curves, marks, title="Attention share on the image per layer")
+        loggers[0].experiment.log({"val/visual_attention_per_layer": table,
+                                   "val/visual_attention_heatmap": wandb.Image(figure_image(figure)),
+                                   "trainer/global_step": trainer.global_step})
 
     def _log_curve(self, trainer: L.Trainer, curves: dict[str, torch.Tensor]) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]

@@ -1,7 +1,8 @@
 """The command line: LightningCLI over TVCModule and TVCDataModule.
 
 ``python -m tvc_lightning fit --config recipes/tiny.yaml`` (also ``validate`` and ``predict``;
-and ``export CKPT --out DIR`` for an HF-format model directory); ``--print_config`` shows the
+``export CKPT --out DIR`` for an HF-format model directory, ``evaluate`` for benchmark scores in
+their official formats, ``analyze forgetting|removal`` for visual forgetting); ``--print_config`` shows the
 composed configuration, several ``--config`` files compose, and dotted overrides
 (``--model.lr 1e-5``) work as in any LightningCLI.
 
@@ -13,6 +14,7 @@ W&B. ``validate`` and ``predict`` without ``--ckpt_path`` warn that they use the
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -177,17 +179,21 @@ def _deepspeed_logs_to_stderr() -> None:
         logger.addFilter(_StderrOnly())
 
 
+# Verbs with parsers of their own, outside LightningCLI's fit/validate/predict: module -> main(argv).
+_TOOLS = {
+    "export": "tvc_lightning.export",
+    "evaluate": "tvc_lightning.evaluate.cli",
+    "analyze": "tvc_lightning.analyze.cli",
+}
+
+
 def main(args: list[str] | None = None) -> TVCLightningCLI | None:
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["test"]:
         raise SystemExit(f"python -m tvc_lightning: {_NO_TEST}")
-    if argv[:1] == ["export"]:
-        from tvc_lightning.export import main as export_main
-
-        export_main(argv[1:])
+    if argv[:1] and argv[0] in _TOOLS:
+        importlib.import_module(_TOOLS[argv[0]]).main(argv[1:])
         return None
-    if argv[:1] == ["evaluate"]:  # its own argparse: tvc_lightning/evaluate/cli.py
-        return __import__("tvc_lightning.evaluate.cli", fromlist=["main"]).main(argv[1:])
     _deepspeed_logs_to_stderr()
     # The shard stream splits its work across DataLoader workers itself, so its nominal __len__ is
     # accurate; Lightning cannot know that and warns on every run.

@@ -25,15 +25,39 @@ from tvc_lightning.evaluate.run import EvalSettings, evaluate
 from tvc_lightning.pvc import PVCConfig
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m tvc_lightning evaluate", description=__doc__,
-                       env_prefix="TVC_EVAL", default_env=False)
+def add_checkpoint_arguments(p: ArgumentParser) -> None:
+    """Which model decodes: ``--config``, ``--checkpoint``, ``--base_model`` (evaluate, analyze)."""
     p.add_argument("--config", action=ActionConfigFile, help="YAML file(s) holding these flags")
     p.add_argument("--checkpoint", type=str, required=True,
                    help="HF model directory, Lightning .ckpt, or DeepSpeed / FSDP2 checkpoint directory")
     p.add_argument("--base_model", type=str | None, default=None,
                    help="for a training checkpoint: the HF directory it started from (default: "
                         "its model_name_or_path)")
+
+
+def add_decoding_arguments(p: ArgumentParser) -> None:
+    """How it decodes: prompt, image limits, dtype, device, attention kernel and ``--generation.*``
+    (the PVC settings; plain decoding is the same with max_calibrations 0) (evaluate, analyze)."""
+    p.add_argument("--system_prompt", type=str, default=ChatFormat.system_prompt,
+                   help="chat system prompt")
+    p.add_argument("--question_suffix", type=str, default="",
+                   help="appended to every question (as the training config's data.question_suffix; "
+                        "TVC: a long-chain reasoning instruction)")
+    p.add_argument("--min_pixels", type=int | None, default=None, help="image processor min_pixels")
+    p.add_argument("--max_pixels", type=int | None, default=None,
+                   help="image processor max_pixels (TVC: 262144)")
+    p.add_argument("--dtype", type=str, default="auto",
+                   help="float32, bfloat16 or float16; auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda")
+    p.add_argument("--attn_implementation", type=str, default="sdpa", help="HF attention kernel")
+    p.add_class_arguments(PVCConfig, "generation")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m tvc_lightning evaluate", description=__doc__,
+                       env_prefix="TVC_EVAL", default_env=False)
+    add_checkpoint_arguments(p)
+    add_decoding_arguments(p)
     p.add_argument("--benchmark", type=str, required=True, help=f"one of {', '.join(BENCHMARKS)}")
     p.add_argument("--input", type=str, required=True,
                    help="MathVista testmini JSON, MathVision JSONL, or shards (folder, glob, brace pattern)")
@@ -47,21 +71,9 @@ def build_parser() -> ArgumentParser:
                    help="also decode every item plainly (generation with max_calibrations 0)")
     p.add_argument("--batch_size", type=int, default=8, help="items decoded together per rank")
     p.add_argument("--limit", type=int | None, default=None, help="only the first N items")
-    p.add_argument("--system_prompt", type=str, default=ChatFormat.system_prompt,
-                   help="chat system prompt")
-    p.add_argument("--question_suffix", type=str, default="",
-                   help="appended to every question (TVC: a long-chain reasoning instruction)")
-    p.add_argument("--min_pixels", type=int | None, default=None, help="image processor min_pixels")
-    p.add_argument("--max_pixels", type=int | None, default=None,
-                   help="image processor max_pixels (TVC: 262144)")
-    p.add_argument("--dtype", type=str, default="auto",
-                   help="float32, bfloat16 or float16; auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda")
-    p.add_argument("--attn_implementation", type=str, default="sdpa", help="HF attention kernel")
     p.add_argument("--model_name", type=str | None, default=None,
                    help="model name in MathVision's 'model' field (default: the checkpoint's name)")
     p.add_argument("--progress_bar", type=bool, default=True, help="show a progress bar on rank 0")
-    p.add_class_arguments(PVCConfig, "generation")
     return p
 
 

@@ -8,6 +8,15 @@ A calibration appends ``bridge + <|vision_start|> pooled pads <|vision_end|>`` a
 M-RoPE positions continue the row's sequence, with features pooled once per image from the
 vision tower's single pass. ``recompute=True`` is the naive baseline: at each calibration the
 whole sequence is re-prefilled from scratch (same visibility rules, as a 4-D mask).
+
+``hide_image_at`` (the image-removal experiment, method.md §1) reuses the ``reset: visual``
+mechanism without re-injecting anything: from a given generated token on, a row's original image
+columns are hidden. Answer token ``s`` is predicted by the query that feeds token ``s - 1``
+(``s >= 1``) or, for ``s = 0``, by the prompt's last position in the prefill; hiding "at s" hides
+the image from that query and every later one, so answer tokens ``0..s-1`` were chosen seeing the
+image and tokens ``s, s+1, ...`` were not. The positions before that query keep what they computed
+while the image was visible (their K/V stay): this removes the answer's *direct* attention to the
+image, not what the question's and the earlier answer's hidden states already took from it.
 """
 
 from __future__ import annotations
@@ -47,6 +56,9 @@ class Calibration:
     index: int
     length: int
     trigger: str
+    decode_step: int = 0
+    """Tokens sampled before the chunk, rolled-back ones included: the chunk is fed by decode
+    step ``decode_step``, measured in ``PVCResult.attention[decode_step - 1]``."""
 
 
 @dataclass
@@ -55,7 +67,11 @@ class PVCResult:
     and the injected chunks (bridge, vision markers, pooled image pads); ``text`` decodes it
     without special tokens, so the image pads vanish and bridges remain. ``attention``
     (with ``measure_attention``): per decode step, per layer, the attention share of the newest
-    token on the original image ``[..., 0]`` and on re-injected copies ``[..., 1]``."""
+    token on the original image ``[..., 0]`` and on re-injected copies ``[..., 1]``; row ``k``
+    is decode step ``k + 1``, the forward after ``k + 1`` sampled tokens (the first token comes
+    from the prefill, which is not measured). ``image_hidden_at``: the decode step from which the
+    original image was hidden (by ``hide_image_at`` or a ``reset: visual`` calibration; 0: in the
+    prefill already), None while it stayed visible."""
 
     token_ids: list[int]
     text: str
@@ -63,6 +79,7 @@ class PVCResult:
     num_generated: int
     finish_reason: str
     attention: torch.Tensor | None = None
+    image_hidden_at: int | None = None
 
 
 @dataclass
@@ -76,12 +93,15 @@ class _Row:
     seq_kinds: list[int]
     seq_pos: list[tuple[int, int, int]]
     seq_hidden_from: list[int]
+    hide_at: int | None = None
     seq_cols: list[int] = field(default_factory=list)
     segments: list[tuple[int, int]] = field(default_factory=list)
     pooled: dict[int, torch.Tensor] = field(default_factory=dict)
     generated: list[int] = field(default_factory=list)
     segment_start: int = 0
     num_generated: int = 0
+    sampled: int = 0  # every sampled token, rolled-back ones included: the decode step count
+    image_hidden_at: int | None = None
     calibrations: list[Calibration] = field(default_factory=list)
     finish: str | None = None
     pending: list[int] = field(default_factory=list)
@@ -124,7 +144,8 @@ class _Decoder:
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def _rows(self, questions: list[str], images: list[list[Image.Image]]) -> list[_Row]:
+    def _rows(self, questions: list[str], images: list[list[Image.Image]],
+              hide_at: list[int | None]) -> list[_Row]:
         vision = [self.image_processor(images=imgs, return_tensors="pt") for imgs in images]
         grid_thw = torch.cat([v["image_grid_thw"] for v in vision]).to(self.device)
         pixels = torch.cat([v["pixel_values"] for v in vision]).to(self.device)
@@ -141,9 +162,14 @@ class _Decoder:
             ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             pos = mrope_positions(ids, self.image_token_id, row_grids)
             kinds = torch.where(ids == self.image_token_id, ORIGINAL, TEXT)
-            rows.append(_Row(sample, features[k:k + n], row_grids, ids.tolist(), kinds.tolist(),
-                             [tuple(p) for p in pos.T.tolist()], [_VISIBLE] * len(ids),
-                             segments=[(i, 1) for i in range(n)]))
+            row = _Row(sample, features[k:k + n], row_grids, ids.tolist(), kinds.tolist(),
+                       [tuple(p) for p in pos.T.tolist()], [_VISIBLE] * len(ids),
+                       hide_at=hide_at[sample], segments=[(i, 1) for i in range(n)])
+            if row.hide_at == 0:
+                # The first answer token is predicted at the prompt's last position: the image is
+                # hidden from that query on, so the prefill runs under the 4-D visibility mask.
+                self._hide_original(row, None, len(ids) - 1)
+            rows.append(row)
             k += n
         return rows
 
@@ -241,9 +267,22 @@ class _Decoder:
 
     # -- per-token logic ---------------------------------------------------------------------
 
+    def _hide_original(self, r: _Row, kinds_row: torch.Tensor | None, at: int) -> None:
+        """Hide the row's original image columns from clean-sequence index ``at`` on: from the
+        cached decode steps (their kinds) and from any re-prefill (``seq_hidden_from``). A column
+        hidden earlier stays hidden from where it was, so a later reset cannot reopen it."""
+        if kinds_row is not None:
+            kinds_row[kinds_row == ORIGINAL] = HIDDEN
+        r.seq_hidden_from = [min(h, at) if k == ORIGINAL else h
+                             for k, h in zip(r.seq_kinds, r.seq_hidden_from, strict=True)]
+        if r.image_hidden_at is None:
+            r.image_hidden_at = r.sampled
+
     def _accept(self, r: _Row, token: int, kinds_row: torch.Tensor) -> bool:
-        """Handle a sampled token; returns True when the row calibrated this step."""
+        """Handle a sampled token; returns True when the row's visible sequence changed beyond the
+        new token this step (a calibration, or its image hidden by ``hide_image_at``)."""
         r.num_generated += 1
+        r.sampled += 1
         r.generated.append(token)
         if token in self.eos_ids:
             r.finish = "eos"
@@ -256,13 +295,18 @@ class _Decoder:
         if r.num_generated >= self.config.max_new_tokens:
             r.finish = "length"
             return False
+        hid = r.hide_at is not None and r.image_hidden_at is None and r.num_generated >= r.hide_at
+        if hid:
+            # The token just sampled is fed next (at clean index len(seq_ids)) and predicts answer
+            # token hide_at: the image is hidden from that query on; nothing is re-injected.
+            self._hide_original(r, kinds_row, len(r.seq_ids))
         trigger = None
         if self.config.triggers_on:
             trigger = self.detector.check(r.generated[r.segment_start:], len(r.calibrations))
         if trigger is None:
             p = r.next_position
             r.pending, r.pending_kinds, r.pending_pos = [token], [TEXT], [(p, p, p)]
-            return False
+            return hid
         self._calibrate(r, trigger, token, kinds_row)
         return True
 
@@ -280,11 +324,8 @@ class _Decoder:
             # max_new_tokens nor in the generated-token metrics.
             r.num_generated -= trigger.rollback
         if self.config.reset == "visual" and not r.calibrations:
-            kinds_row[kinds_row == ORIGINAL] = HIDDEN
             # Hidden from everything fed from now on: the new token and the chunk included.
-            at = len(r.seq_ids)
-            r.seq_hidden_from = [at if k == ORIGINAL else h
-                                 for k, h in zip(r.seq_kinds, r.seq_hidden_from, strict=True)]
+            self._hide_original(r, kinds_row, len(r.seq_ids))
         chunk = [token] if keep_new else []
         if trigger.bridge:
             chunk += self.tokenizer(trigger.bridge, add_special_tokens=False)["input_ids"]
@@ -299,7 +340,7 @@ class _Decoder:
         pos = mrope_positions(ids, self.image_token_id, grids, offset=r.next_position)
         kinds = torch.where(ids == self.image_token_id, COPY, TEXT)
         r.calibrations.append(Calibration(r.num_generated, len(r.generated),
-                                          len(chunk) - int(keep_new), trigger.kind))
+                                          len(chunk) - int(keep_new), trigger.kind, r.sampled))
         r.generated += chunk[int(keep_new):]
         r.segment_start = len(r.generated)
         r.pending, r.pending_kinds = chunk, kinds.tolist()
@@ -314,15 +355,17 @@ class _Decoder:
     # -- the loop ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, questions: list[str], images: list[list[Image.Image]]) -> list[PVCResult]:
+    def run(self, questions: list[str], images: list[list[Image.Image]],
+            hide_at: list[int | None]) -> list[PVCResult]:
         try:
-            return self._run(questions, images)
+            return self._run(questions, images, hide_at)
         finally:
             if self.probe is not None:
                 self.probe.remove()
 
-    def _run(self, questions: list[str], images: list[list[Image.Image]]) -> list[PVCResult]:
-        rows = self._rows(questions, images)
+    def _run(self, questions: list[str], images: list[list[Image.Image]],
+             hide_at: list[int | None]) -> list[PVCResult]:
+        rows = self._rows(questions, images, hide_at)
         done: list[_Row] = []
         cache, kinds, logits = self._prefill(rows)
         vocab = logits.shape[-1]
@@ -393,7 +436,7 @@ class _Decoder:
         text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
         attention = self.probe.row_records(r.sample) if self.probe is not None else None
         return PVCResult(r.generated, text, r.calibrations, r.num_generated, r.finish or "length",
-                         attention)
+                         attention, r.image_hidden_at)
 
 
 def pvc_generate(
@@ -407,6 +450,7 @@ def pvc_generate(
     triggers: Any = None,
     sync: Callable[[bool], bool] | None = None,
     measure_attention: bool = False,
+    hide_image_at: list[int | None] | None = None,
 ) -> list[PVCResult]:
     """Decode answers to ``questions`` (one list of PIL images each) with PVC.
 
@@ -419,11 +463,23 @@ def pvc_generate(
     are done runs idle forwards until every rank is done (see ``callbacks.all_ranks_any``).
     ``measure_attention`` fills each result's ``attention`` with the visual-attention shares
     (hooks on the attention layers; no switch to eager attention).
+    ``hide_image_at`` (one entry per question; None: never) hides each row's original image from
+    its answer token ``s`` on, without re-injecting it (the image-removal experiment): tokens
+    ``0..s-1`` are predicted seeing the image, the rest not; 0 hides it from the whole answer
+    (the prefill's last position included); ``s`` at or past the answer's end changes nothing.
+    With ``recompute=True`` a hide re-prefills the whole sequence under the 4-D visibility mask.
     """
     if len(questions) != len(images):
         raise ValueError(f"{len(questions)} questions but {len(images)} image lists")
+    if hide_image_at is None:
+        hide_image_at = [None] * len(questions)
+    if len(hide_image_at) != len(questions):
+        raise ValueError(f"hide_image_at has {len(hide_image_at)} entries for {len(questions)} questions")
+    if any(s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0)
+           for s in hide_image_at):
+        raise ValueError(f"hide_image_at entries must be None or ints >= 0, got {hide_image_at}")
     if any(not imgs for imgs in images):
         raise ValueError("every question needs at least one image")
     decoder = _Decoder(model, processor, config or PVCConfig(), chat or ChatFormat(), recompute,
                        triggers, sync, measure_attention)
-    return decoder.run(questions, images)
+    return decoder.run(questions, images, list(hide_image_at))

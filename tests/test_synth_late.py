@@ -1,0 +1,121 @@
+"""The late_lookup synthetic task: the answer is a grid cell's colour that the chain reads only
+after a long arithmetic detour, and no text-only guess beats chance."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import tarfile
+from collections import Counter, defaultdict
+
+from PIL import Image
+
+from data_engine.__main__ import main as data_engine_main
+from data_engine.synth_late import LOOKUP, PALETTE, cell_of, make_sample
+from tvc_lightning.data.shards import load_split
+from tvc_lightning.data.skips import SkipCounter
+from tvc_lightning.scoring import score_record
+
+COLOUR_WORD = re.compile(r"\b(" + "|".join(PALETTE) + r")\b")
+ANSWER_LIST = "Answer with one of: " + ", ".join(PALETTE) + "."
+
+
+def _samples(split: str, n: int):
+    return [make_sample(0, split, i, image_size=160) for i in range(n)]
+
+
+def test_samples_are_deterministic_and_the_image_holds_the_answer():
+    for i in range(20):
+        key, record, image, grid, detour = make_sample(3, "val", i)
+        again = make_sample(3, "val", i)
+        assert again[1] == record and again[2].tobytes() == image.tobytes()
+        row, col = cell_of(detour, grid)
+        assert record.answer == grid.colours[row][col]
+        assert image.getpixel(grid.centre(row, col)) == PALETTE[record.answer]
+        # The arithmetic is right: the chain's final x picks that cell.
+        x = detour.x0
+        for _ in range(detour.steps):
+            x = (x * detour.mul + detour.add) % detour.mod
+        assert f"x = {x}." in record.response
+        assert score_record(record.response, record) == (record.answer, True)
+    assert make_sample(3, "val", 0)[1] != make_sample(4, "val", 0)[1]
+
+
+def test_the_text_names_no_colour_before_the_late_lookup():
+    lengths = []
+    for _, record, _, grid, detour in _samples("train", 200):
+        row, col = cell_of(detour, grid)
+        lookup = LOOKUP.format(row=row + 1, col=col + 1, colour=record.answer)
+        before, found, _ = record.response.partition(lookup)
+        assert found
+        assert COLOUR_WORD.search(before) is None, before
+        assert COLOUR_WORD.search(record.question.replace(ANSWER_LIST, "")) is None
+        assert record.question.endswith(ANSWER_LIST)  # the same list in every question
+        lengths.append(len(before.split()))
+    # Hundreds of tokens of other work come first (words undercount BPE tokens).
+    assert min(lengths) >= 250 and sum(lengths) / len(lengths) >= 400
+
+
+def test_text_only_baselines_score_near_chance():
+    """10 colours: the majority answer, and the best guess per question-text feature (grid shape
+    and the queried cell, learned on train and scored on val), stay near 1/10."""
+    train, val = _samples("train", 500), _samples("val", 500)
+    answers = Counter(s[1].answer for s in train)
+    assert len(answers) == len(PALETTE)
+    assert answers.most_common(1)[0][1] / len(train) <= 0.15
+    assert sum(s[1].answer == answers.most_common(1)[0][0] for s in val) / len(val) <= 0.15
+
+    def feature(sample):
+        _, record, _, grid, detour = sample
+        return grid.rows, grid.cols, cell_of(detour, grid)
+
+    by_feature: dict[tuple, Counter] = defaultdict(Counter)
+    for s in train:
+        by_feature[feature(s)][s[1].answer] += 1
+    guess = {f: c.most_common(1)[0][0] for f, c in by_feature.items()}
+    hits = sum(guess.get(feature(s), answers.most_common(1)[0][0]) == s[1].answer for s in val)
+    assert hits / len(val) <= 0.15
+    # Variety: many distinct grids, cells and detours.
+    assert len({feature(s) for s in train}) > 50
+    assert len({(s[4].x0, s[4].mul, s[4].add, s[4].mod) for s in train}) == len(train)
+
+
+def test_cli_writes_late_lookup_shards_that_the_trainer_reads(tmp_path):
+    out = tmp_path / "late"
+    assert data_engine_main(["synth", "--task", "late_lookup", "--out", str(out), "--num-train",
+                             "3", "--num-val", "2", "--image-size", "96", "--detour-steps", "4"]) == 0
+    val = load_split(str(out / "val"), SkipCounter(), world_size=1, rank=0)
+    assert [r.id for r, _ in val] == ["late-val-000000", "late-val-000001"]
+    record, (image,) = val[0]
+    _, expected, expected_image, _, _ = make_sample(0, "val", 0, image_size=96, detour_steps=4)
+    assert record == expected and image.tobytes() == expected_image.tobytes()
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["late-000000.tar"]
+
+
+def _digest(folder) -> str:
+    """Records and decoded PNG pixels (JPEG bytes depend on the encoder build): what the default
+    task writes, independent of the Pillow/zlib release."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*.tar")):
+        h.update(str(p.relative_to(folder)).encode())
+        with tarfile.open(p) as tar:
+            for m in tar.getmembers():
+                data = tar.extractfile(m).read()
+                h.update(m.name.encode())
+                if m.name.endswith(".png"):
+                    data = Image.open(io.BytesIO(data)).tobytes()
+                elif m.name.endswith(".jpg"):
+                    data = b""
+                h.update(data)
+    return h.hexdigest()
+
+
+def test_default_task_is_unchanged(tmp_path):
+    """Pinned before the late_lookup task was added: the default (shapes) output stays the same."""
+    args = ["synth", "--num-train", "12", "--num-val", "5", "--seed", "7", "--samples-per-shard",
+            "4", "--image-size", "96"]
+    assert data_engine_main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert data_engine_main(args + ["--out", str(tmp_path / "b"), "--task", "shapes"]) == 0
+    pinned = "5881f411dd048420f17753d96e6f21d9d88b787968dbcb431105a74a31f55304"
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") == pinned
