@@ -160,6 +160,23 @@ class OpenAITeacher:
                 break
         return texts[:n]
 
+    def complete_text(self, prompt: str, max_tokens: int, temperature: float = 0.0,
+                      seed: int = 0) -> str:
+        """One text-only user turn (no images); the first choice's ``message.content``, ``""``
+        when the server sent none. A reasoning split off by the server is left out: callers
+        (the ``evaluate`` judge) want the reply itself. Retries and errors as :meth:`generate`."""
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                "temperature": max(temperature, 0.0), "max_tokens": max_tokens, "seed": seed}
+        reply = self._post(body)
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        first = choices[0] if isinstance(choices, list) and choices else None
+        message = first.get("message") if isinstance(first, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or not isinstance(content, str | None):
+            raise TeacherError(f"{self.url}: malformed reply: no choices[0].message.content in "
+                               f"{str(reply)[:200]}")
+        return content or ""
+
     def _choices(self, reply: Any) -> list[str]:
         """The answer texts of a reply; a reasoning split off by the server is put back in front."""
         choices = reply.get("choices") if isinstance(reply, dict) else None

@@ -181,7 +181,8 @@ def score_record(response: str, record: SampleRecord) -> tuple[str, bool]:
     return scored.extracted, scored.correct
 
 
-def score_record_detailed(response: str, record: SampleRecord) -> RecordScore:
+def score_record_detailed(response: str, record: SampleRecord,
+                          nearest_choice: bool = True) -> RecordScore:
     """:class:`RecordScore` for a model's ``response`` to a :class:`SampleRecord`.
 
     The answer is extracted knowing the record's choices and answer type (an integer answer
@@ -200,21 +201,26 @@ def score_record_detailed(response: str, record: SampleRecord) -> RecordScore:
     An empty extraction always scores wrong (MathVista's official rule would map it to the
     shortest choice and sometimes credit it), and so does a statement that none of the choices
     fits (which MathVista would map to the nearest choice by edit distance).
+
+    ``nearest_choice=False`` drops MathVista's nearest-choice fallback altogether (MATH-V's own
+    evaluation has none): an extraction then counts only when it names a choice by its text or
+    option letter, so "12345" is not credited for being closest to the right option.
     """
     extracted, method = extract_answer_with_method(response, record.choices, record.answer_type)
-    correct = _judge(extracted, method, record)
+    correct = _judge(extracted, method, record, nearest_choice)
     return RecordScore(extracted, correct, method)
 
 
-def _judge(extracted: str, method: str, record: SampleRecord) -> bool:
-    """Whether an extraction (found by ``method``) answers ``record`` correctly."""
+def _judge(extracted: str, method: str, record: SampleRecord, nearest_choice: bool = True) -> bool:
+    """Whether an extraction (found by ``method``) answers ``record`` correctly; see
+    :func:`score_record_detailed` for ``nearest_choice``."""
     if not extracted or method.endswith("none_of_choices"):
         return False
     answer, answer_type, precision = record.answer, record.answer_type, record.precision
 
     if record.choices:
         choices = [str(c) for c in record.choices]
-        fuzzy = not all(len(c.strip()) == 1 for c in choices)
+        fuzzy = nearest_choice and not all(len(c.strip()) == 1 for c in choices)
         want = _choice_index(answer, choices, fuzzy=False)
         if want is None:  # an answer outside the choices: compare as text
             return _text_key(extracted) == _text_key(answer)

@@ -74,6 +74,19 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--model_name", type=str | None, default=None,
                    help="model name in MathVision's 'model' field (default: the checkpoint's name)")
     p.add_argument("--progress_bar", type=bool, default=True, help="show a progress bar on rank 0")
+    p.add_argument("--judge", type=str | None, default=None,
+                   help="openai:URL: extract answers with an LLM judge on this OpenAI-compatible "
+                        "server (API root, e.g. openai:http://localhost:8000/v1); rule-based "
+                        "extraction stands in wherever it fails. Key from $OPENAI_API_KEY if set")
+    p.add_argument("--judge_model", type=str | None, default=None,
+                   help="the judge's served model name (needed with --judge)")
+    p.add_argument("--judge_timeout", type=float, default=120.0,
+                   help="seconds to wait for one judge reply")
+    p.add_argument("--judge_retries", type=int, default=4,
+                   help="further attempts after a judge connection error, timeout, 5xx, 408 or 429")
+    p.add_argument("--judge_concurrency", type=int, default=8, help="judge requests in flight")
+    p.add_argument("--judge_max_tokens", type=int, default=256,
+                   help="reply budget of one judge request")
     return p
 
 
@@ -96,6 +109,11 @@ def _format_summary(summary: dict[str, Any]) -> str:
                      f"{m['generated_tokens_per_item']:.1f} tokens per item"
                      + (f", {m['skipped']} skipped" if m["skipped"] else "")
                      + f" -> {', '.join(m['files'])}")
+        if "extraction" in m:
+            e = m["extraction"]
+            lines.append(f"        extracted by the judge {e['judge']}, by rules after a judge "
+                         f"failure {e['rule_judge_failed']} ({e['judge_requests']} requests, "
+                         f"{e['judge_replies_cached']} replies from the cache)")
     if "pvc_minus_plain" in summary:
         lines.append(f"  pvc - plain: {summary['pvc_minus_plain']:+.4f}")
     lines.append(f"  {summary['seconds_this_run']} s this run")

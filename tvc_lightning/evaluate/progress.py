@@ -10,15 +10,18 @@ the rank appends again.
 
 ``OUT/run.json`` holds the settings that shape the answers (checkpoint, benchmark, prompt,
 decoding); a restart that changes one of them is refused, naming each change, since its answers
-would not belong with the ones already written. Batch size, world size, ``--limit`` and the
-progress bar may change between restarts.
+would not belong with the ones already written. It also holds the scoring settings (the LLM
+judge, ``--judge``/``--judge_model``): those only change how the stored answers are read, and
+every run scores all of them afresh at its end, so a change there is accepted, announced as a
+re-scoring, and recorded. Batch size, world size, ``--limit`` and the progress bar may change
+between restarts.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -104,23 +107,37 @@ class ProgressWriter:
         self._file.close()
 
 
-def check_run_settings(out: Path, settings: dict[str, Any], write: bool) -> None:
+def check_run_settings(out: Path, settings: dict[str, Any], write: bool,
+                       rescoring: Collection[str] = ()) -> list[str]:
     """Compare ``settings`` with ``OUT/run.json`` from an earlier run; raise ``ValueError``
-    listing what changed. Without a file, ``write`` (rank 0) creates it."""
+    listing what changed, except for the keys in ``rescoring`` (scoring settings), whose changes
+    are returned (``"key: old -> new"``) and, with ``write`` (rank 0), recorded. Without a file,
+    ``write`` creates it."""
     path = out / "run.json"
     normalized = json.loads(json.dumps(settings))  # tuples as lists, as read back
     if path.exists():
         before = json.loads(path.read_text(encoding="utf-8"))
-        changed = [f"{k}: {before.get(k)!r} -> {normalized.get(k)!r}"
-                   for k in sorted(set(before) | set(normalized)) if before.get(k) != normalized.get(k)]
-        if changed:
+        keys = sorted(set(before) | set(normalized))
+        changed = [k for k in keys if before.get(k) != normalized.get(k)]
+        refused = [f"{k}: {before.get(k)!r} -> {normalized.get(k)!r}"
+                   for k in changed if k not in rescoring]
+        if refused:
             raise ValueError(
                 f"--out {out} holds an evaluation run with other settings ({path}); its answers "
-                "would be mixed with this run's. Changed: " + "; ".join(changed)
+                "would be mixed with this run's. Changed: " + "; ".join(refused)
                 + ". Use another --out, or remove that folder to start afresh.")
-        return
+        if not changed:
+            return []
+        if write:
+            _write_settings(path, normalized)
+        return [f"{k}: {before.get(k)!r} -> {normalized.get(k)!r}" for k in changed]
     if write:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(normalized, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        _write_settings(path, normalized)
+    return []
+
+
+def _write_settings(path: Path, settings: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

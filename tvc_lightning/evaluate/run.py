@@ -6,7 +6,8 @@ the number of ranks and however often the run was restarted, and greedy decoding
 answers as one uninterrupted single-process run. Ranks hold the whole model each (data parallel;
 launched with ``torchrun``, which sets ``RANK``/``WORLD_SIZE``) and never wait on one another while
 decoding; they meet once at the end, where rank 0 reads every rank's progress file (so ``--out``
-must be a folder all ranks share) and writes the official files.
+must be a folder all ranks share), extracts the answers (by rules, or with the optional LLM judge
+of :mod:`.judge`), scores them and writes the official files.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from tvc_lightning.data.tokenize import ChatFormat, special_token_pattern
 from tvc_lightning.evaluate.benchmarks import Benchmark, EvalItem, load_benchmark
 from tvc_lightning.evaluate.formats import write_outputs
+from tvc_lightning.evaluate.judge import Judge
 from tvc_lightning.evaluate.progress import ProgressWriter, check_run_settings, read_done
 from tvc_lightning.predict import skip_reason
 from tvc_lightning.pvc import PVCConfig, pvc_generate
@@ -57,6 +59,12 @@ class EvalSettings:
     attn_implementation: str = "sdpa"
     model_name: str | None = None
     progress_bar: bool = True
+    judge: str | None = None
+    judge_model: str | None = None
+    judge_timeout: float = 120.0
+    judge_retries: int = 4
+    judge_concurrency: int = 8
+    judge_max_tokens: int = 256
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -65,6 +73,19 @@ class EvalSettings:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.judge is not None and not self.judge_model:
+            raise ValueError(f"--judge {self.judge}: needs --judge_model, the served model's name "
+                             "(sent with each request and recorded as judge:NAME per item)")
+        if self.judge is None and self.judge_model is not None:
+            raise ValueError(f"--judge_model {self.judge_model}: has no effect without --judge "
+                             "openai:URL")
+        if not self.judge_timeout > 0:
+            raise ValueError(f"--judge_timeout must be > 0, got {self.judge_timeout}")
+        for flag, value, least in (("judge_retries", self.judge_retries, 0),
+                                   ("judge_concurrency", self.judge_concurrency, 1),
+                                   ("judge_max_tokens", self.judge_max_tokens, 1)):
+            if value < least:
+                raise ValueError(f"--{flag} must be >= {least}, got {value}")
 
 
 # --- set-up ------------------------------------------------------------------------------------
@@ -149,7 +170,23 @@ def _run_settings(s: EvalSettings, dtype: str) -> dict[str, Any]:
             "input": str(Path(s.input).resolve()), "base_model": s.base_model,
             "generation": dataclasses.asdict(s.generation), "system_prompt": s.system_prompt,
             "question_suffix": s.question_suffix, "min_pixels": s.min_pixels,
-            "max_pixels": s.max_pixels, "dtype": dtype}
+            "max_pixels": s.max_pixels, "dtype": dtype, "judge": _judge_settings(s)}
+
+
+def _judge_settings(s: EvalSettings) -> dict[str, Any] | None:
+    """The judge settings that shape extractions (None without a judge, as in runs that predate
+    the judge, so their run.json still matches)."""
+    if s.judge is None:
+        return None
+    return {"spec": s.judge, "model": s.judge_model, "max_tokens": s.judge_max_tokens}
+
+
+def make_judge(s: EvalSettings, out: Path) -> Judge | None:
+    """The LLM judge of ``--judge`` (its URL checked now, before any decoding), or None."""
+    if s.judge is None or s.judge_model is None:
+        return None
+    return Judge(s.judge, s.judge_model, out, timeout=s.judge_timeout, retries=s.judge_retries,
+                 concurrency=s.judge_concurrency, max_tokens=s.judge_max_tokens)
 
 
 def missing_images_message(bench: Benchmark, missing: list[tuple[str, Path]], root: str | None,
@@ -227,7 +264,26 @@ def _evaluate(s: EvalSettings, rank: int, world: int, started: float) -> dict[st
             print(f"evaluate: {message}", file=sys.stderr)
     absent = {i for i, _ in missing}
     items = [item for item in bench.items if item.id not in absent]
-    check_run_settings(out, _run_settings(s, dtype), write=rank == 0)
+    judge = make_judge(s, out) if rank == 0 else None  # a bad --judge URL fails before run.json
+    try:
+        rescored = check_run_settings(out, _run_settings(s, dtype), write=rank == 0,
+                                      rescoring=("judge",))
+        if rescored and rank == 0:
+            print(f"evaluate: scoring settings changed since the last run ({'; '.join(rescored)}):"
+                  " every stored answer is scored again with them (none is decoded again)",
+                  file=sys.stderr)
+        return _decode_and_finish(s, rank, world, started, out, device, dtype, bench, items,
+                                  len(absent), judge)
+    finally:
+        if judge is not None:
+            judge.close()
+
+
+def _decode_and_finish(s: EvalSettings, rank: int, world: int, started: float, out: Path,
+                       device: torch.device, dtype: str, bench: Benchmark, items: list[EvalItem],
+                       missing: int, judge: Judge | None) -> dict[str, Any] | None:
+    """Decode this rank's share of the batches not yet in the progress files; then, on rank 0
+    once every rank is done, score all of them (:func:`_finish`)."""
 
     from tvc_lightning.hf import load_processor
 
@@ -262,11 +318,11 @@ def _evaluate(s: EvalSettings, rank: int, world: int, started: float) -> dict[st
         torch.distributed.barrier()
     if rank != 0:
         return None
-    return _finish(s, bench, items, list(configs), out, time.monotonic() - started, len(absent))
+    return _finish(s, bench, items, list(configs), out, time.monotonic() - started, missing, judge)
 
 
 def _finish(s: EvalSettings, bench: Benchmark, items: list[EvalItem], modes: list[str], out: Path,
-            seconds: float, missing: int) -> dict[str, Any]:
+            seconds: float, missing: int, judge: Judge | None = None) -> dict[str, Any]:
     """Rank 0, after every rank is done: the official files per mode and ``summary.json``."""
     done = read_done(out)
     lost = [(m, i.id) for m in modes for i in items if (m, i.id) not in done]
@@ -277,15 +333,23 @@ def _finish(s: EvalSettings, bench: Benchmark, items: list[EvalItem], modes: lis
     name = s.model_name or Path(s.checkpoint.rstrip("/")).stem
     summary: dict[str, Any] = {
         "benchmark": bench.name, "checkpoint": s.checkpoint, "items": len(bench.items),
-        "missing_images": missing, "unreadable_input": bench.skipped, "modes": {},
-        "seconds_this_run": round(seconds, 1)}
+        "missing_images": missing, "unreadable_input": bench.skipped,
+        "judge": _judge_settings(s), "modes": {}, "seconds_this_run": round(seconds, 1)}
     for mode in modes:
         rows = {i.id: done[(mode, i.id)] for i in items}
         skipped = [r for r in rows.values() if "skipped" in r]
+        judged, extraction = None, {}
+        if judge is not None:
+            judged, stats = judge.extract(mode, [(i, rows[i.id]["response"]) for i in items
+                                                 if "skipped" not in rows[i.id]], s.progress_bar)
+            extraction = {"extraction": {"judge": len(judged) - stats.failed,
+                                         "rule_judge_failed": stats.failed,
+                                         "judge_replies_cached": stats.cached,
+                                         "judge_requests": stats.asked}}
         paths, accuracy, correct, total = write_outputs(bench.name, items, rows, out, mode,
-                                                        f"{name}-{mode}")
+                                                        f"{name}-{mode}", judged)
         decoded = [r for r in rows.values() if "skipped" not in r]
-        summary["modes"][mode] = {
+        summary["modes"][mode] = {**extraction,
             "accuracy": accuracy, "correct": correct, "total": total, "skipped": len(skipped),
             "calibrations_per_item": (sum(len(r["calibrations"]) for r in decoded) / len(decoded)
                                       if decoded else 0.0),

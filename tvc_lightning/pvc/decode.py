@@ -22,7 +22,6 @@ image, not what the question's and the earlier answer's hidden states already to
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from transformers import DynamicCache
 from tvc_lightning.data.tokenize import ChatFormat, special_token_pattern
 from tvc_lightning.pvc.attention import VisualAttentionProbe, cache_keyword
 from tvc_lightning.pvc.config import PVCConfig
+from tvc_lightning.pvc.results import Calibration, PVCResult, RowState
 from tvc_lightning.pvc.sampling import next_tokens
 from tvc_lightning.pvc.triggers import Trigger, TriggerDetector
 from tvc_lightning.vision import (
@@ -45,73 +45,6 @@ from tvc_lightning.vision import (
 
 TEXT, ORIGINAL, COPY, HIDDEN = 0, 1, 2, -1
 _VISIBLE = 1 << 62  # "hidden from" index of a column nobody stops seeing
-
-
-@dataclass
-class Calibration:
-    """One calibration: after ``step`` generated tokens, ``length`` injected tokens (bridge,
-    vision markers, pooled image pads) starting at ``token_ids[index]``."""
-
-    step: int
-    index: int
-    length: int
-    trigger: str
-    decode_step: int = 0
-    """Tokens sampled before the chunk, rolled-back ones included: the chunk is fed by decode
-    step ``decode_step``, measured in ``PVCResult.attention[decode_step - 1]``."""
-
-
-@dataclass
-class PVCResult:
-    """One sample's output. ``token_ids`` is what the model saw after the prompt: its own tokens
-    and the injected chunks (bridge, vision markers, pooled image pads); ``text`` decodes it
-    without special tokens, so the image pads vanish and bridges remain. ``attention``
-    (with ``measure_attention``): per decode step, per layer, the attention share of the newest
-    token on the original image ``[..., 0]`` and on re-injected copies ``[..., 1]``; row ``k``
-    is decode step ``k + 1``, the forward after ``k + 1`` sampled tokens (the first token comes
-    from the prefill, which is not measured). ``image_hidden_at``: the decode step from which the
-    original image was hidden (by ``hide_image_at`` or a ``reset: visual`` calibration; 0: in the
-    prefill already), None while it stayed visible."""
-
-    token_ids: list[int]
-    text: str
-    calibrations: list[Calibration]
-    num_generated: int
-    finish_reason: str
-    attention: torch.Tensor | None = None
-    image_hidden_at: int | None = None
-
-
-@dataclass
-class _Row:
-    """Decoding state of one sample; ``seq_*`` lists describe its clean sequence token by token."""
-
-    sample: int
-    images: list[torch.Tensor]
-    grids: list[tuple[int, int]]
-    seq_ids: list[int]
-    seq_kinds: list[int]
-    seq_pos: list[tuple[int, int, int]]
-    seq_hidden_from: list[int]
-    hide_at: int | None = None
-    seq_cols: list[int] = field(default_factory=list)
-    segments: list[tuple[int, int]] = field(default_factory=list)
-    pooled: dict[int, torch.Tensor] = field(default_factory=dict)
-    generated: list[int] = field(default_factory=list)
-    segment_start: int = 0
-    num_generated: int = 0
-    sampled: int = 0  # every sampled token, rolled-back ones included: the decode step count
-    image_hidden_at: int | None = None
-    calibrations: list[Calibration] = field(default_factory=list)
-    finish: str | None = None
-    pending: list[int] = field(default_factory=list)
-    pending_kinds: list[int] = field(default_factory=list)
-    pending_pos: list[tuple[int, int, int]] = field(default_factory=list)
-    pending_features: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def next_position(self) -> int:
-        return max(self.seq_pos[-1]) + 1
 
 
 class _Decoder:
@@ -145,7 +78,7 @@ class _Decoder:
     # -- set-up ------------------------------------------------------------------------------
 
     def _rows(self, questions: list[str], images: list[list[Image.Image]],
-              hide_at: list[int | None]) -> list[_Row]:
+              hide_at: list[int | None]) -> list[RowState]:
         vision = [self.image_processor(images=imgs, return_tensors="pt") for imgs in images]
         grid_thw = torch.cat([v["image_grid_thw"] for v in vision]).to(self.device)
         pixels = torch.cat([v["pixel_values"] for v in vision]).to(self.device)
@@ -162,7 +95,7 @@ class _Decoder:
             ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             pos = mrope_positions(ids, self.image_token_id, row_grids)
             kinds = torch.where(ids == self.image_token_id, ORIGINAL, TEXT)
-            row = _Row(sample, features[k:k + n], row_grids, ids.tolist(), kinds.tolist(),
+            row = RowState(sample, features[k:k + n], row_grids, ids.tolist(), kinds.tolist(),
                        [tuple(p) for p in pos.T.tolist()], [_VISIBLE] * len(ids),
                        hide_at=hide_at[sample], segments=[(i, 1) for i in range(n)])
             if row.hide_at == 0:
@@ -175,7 +108,7 @@ class _Decoder:
 
     # -- model calls -------------------------------------------------------------------------
 
-    def _prefill(self, rows: list[_Row]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    def _prefill(self, rows: list[RowState]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """Run every row's clean sequence (+ pending chunk) from scratch, left-padded."""
         for r in rows:
             self._commit_pending(r, None)
@@ -207,7 +140,7 @@ class _Decoder:
         logits = self._forward(ids, features, mask, pos, cache, torch.full((batch,), width - 1))
         return cache, kinds, logits
 
-    def _visibility_mask(self, rows: list[_Row], hidden_from: torch.Tensor) -> torch.Tensor:
+    def _visibility_mask(self, rows: list[RowState], hidden_from: torch.Tensor) -> torch.Tensor:
         """4-D additive mask: query i sees key j iff j <= i, j is real and i is before j's
         "hidden from" index (both in clean-sequence indices; rows are left-padded)."""
         width = hidden_from.shape[1]
@@ -231,7 +164,7 @@ class _Decoder:
         hidden = out.last_hidden_state[torch.arange(ids.shape[0]), last.to(self.device)]
         return self.model.lm_head(hidden).float()  # (B, V): only the positions we sample from
 
-    def _step(self, rows: list[_Row], cache: DynamicCache, kinds: torch.Tensor) -> tuple[
+    def _step(self, rows: list[RowState], cache: DynamicCache, kinds: torch.Tensor) -> tuple[
             torch.Tensor, torch.Tensor]:
         """Feed each row's pending tokens (a chunk or one token), right-padded with holes."""
         width = max(len(r.pending) for r in rows)
@@ -254,7 +187,7 @@ class _Decoder:
         self.cached_steps += 1
         return kinds, logits
 
-    def _commit_pending(self, r: _Row, start: int | None) -> None:
+    def _commit_pending(self, r: RowState, start: int | None) -> None:
         """Move the pending tokens into the row's clean sequence (cache columns from ``start``)."""
         n = len(r.pending)
         r.seq_ids += r.pending
@@ -267,7 +200,7 @@ class _Decoder:
 
     # -- per-token logic ---------------------------------------------------------------------
 
-    def _hide_original(self, r: _Row, kinds_row: torch.Tensor | None, at: int) -> None:
+    def _hide_original(self, r: RowState, kinds_row: torch.Tensor | None, at: int) -> None:
         """Hide the row's original image columns from clean-sequence index ``at`` on: from the
         cached decode steps (their kinds) and from any re-prefill (``seq_hidden_from``). A column
         hidden earlier stays hidden from where it was, so a later reset cannot reopen it."""
@@ -278,7 +211,7 @@ class _Decoder:
         if r.image_hidden_at is None:
             r.image_hidden_at = r.sampled
 
-    def _accept(self, r: _Row, token: int, kinds_row: torch.Tensor) -> bool:
+    def _accept(self, r: RowState, token: int, kinds_row: torch.Tensor) -> bool:
         """Handle a sampled token; returns True when the row's visible sequence changed beyond the
         new token this step (a calibration, or its image hidden by ``hide_image_at``)."""
         r.num_generated += 1
@@ -310,7 +243,7 @@ class _Decoder:
         self._calibrate(r, trigger, token, kinds_row)
         return True
 
-    def _calibrate(self, r: _Row, trigger: Trigger, token: int, kinds_row: torch.Tensor) -> None:
+    def _calibrate(self, r: RowState, trigger: Trigger, token: int, kinds_row: torch.Tensor) -> None:
         keep_new = trigger.rollback == 0
         if not keep_new:
             # The newest token is not in the cache yet; the older rolled-back ones are: hide them.
@@ -346,7 +279,7 @@ class _Decoder:
         r.pending, r.pending_kinds = chunk, kinds.tolist()
         r.pending_pos, r.pending_features = [tuple(p) for p in pos.T.tolist()], features
 
-    def _pooled(self, r: _Row, image: int) -> torch.Tensor:
+    def _pooled(self, r: RowState, image: int) -> torch.Tensor:
         if image not in r.pooled:
             r.pooled[image] = pool_visual_tokens(r.images[image], *r.grids[image],
                                                  self.config.pool_kernel)
@@ -366,7 +299,7 @@ class _Decoder:
     def _run(self, questions: list[str], images: list[list[Image.Image]],
              hide_at: list[int | None]) -> list[PVCResult]:
         rows = self._rows(questions, images, hide_at)
-        done: list[_Row] = []
+        done: list[RowState] = []
         cache, kinds, logits = self._prefill(rows)
         vocab = logits.shape[-1]
         seen = torch.zeros((len(rows), vocab), dtype=torch.bool, device=self.device)
@@ -432,7 +365,7 @@ class _Decoder:
         pos = torch.zeros((3, 1, 1), dtype=torch.long, device=self.device)
         self._forward(ids, [], torch.ones_like(ids), pos, DynamicCache(), torch.zeros(1, dtype=torch.long))
 
-    def _result(self, r: _Row) -> PVCResult:
+    def _result(self, r: RowState) -> PVCResult:
         text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
         attention = self.probe.row_records(r.sample) if self.probe is not None else None
         return PVCResult(r.generated, text, r.calibrations, r.num_generated, r.finish or "length",
