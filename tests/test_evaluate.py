@@ -183,6 +183,30 @@ def test_mathvision_files_score_as_the_official_aggregation(tmp_path):
     assert total == 304 and 150 < correct < 304
 
 
+def test_mathvision_gives_no_credit_for_being_the_nearest_option(tmp_path):
+    """MATH-V's evaluation has no nearest-choice fallback (MathVista's does): "12345" is closest
+    to the right option "1234" and MathVista's rule would credit it; MathVision must not."""
+    from tvc_lightning.scoring import score_record_detailed
+
+    path = tmp_path / "mv.jsonl"
+    path.write_text(json.dumps({"id": "7", "question": "Which number is on the door?",
+                                "options": ["12", "1234", "5"], "answer": "B", "level": 1,
+                                "subject": "arithmetic", "image": "7.png"}) + "\n")
+    (item,) = load_benchmark("mathvision", path).items
+    assert score_record_detailed("It is 12345.", item.record).correct  # MathVista's rule
+    assert not score_record_detailed("It is 12345.", item.record, nearest_choice=False).correct
+    responses = ["It is 12345.", "The answer is 1234.", "Answer: (B)", "It is 5."]
+    for n, response in enumerate(responses):
+        rows = {"7": {"response": response, "calibrations": [], "num_generated": 1,
+                      "finish_reason": "stop"}}
+        write_outputs("mathvision", [item], rows, tmp_path, f"m{n}", "m")
+        write_outputs("shards", [item], rows, tmp_path, f"m{n}", "m")
+        (line,) = map(json.loads, (tmp_path / f"m{n}.jsonl").read_text().splitlines())
+        (shard,) = map(json.loads, (tmp_path / f"results_m{n}.jsonl").read_text().splitlines())
+        assert line["correct"] is (n in (1, 2)), response  # named by its text or its letter only
+        assert shard["correct"] is (n in (0, 1, 2)), response  # shards keep the project's rule
+
+
 # --- end to end on the tiny model ------------------------------------------------------------
 
 @needs_mathvision

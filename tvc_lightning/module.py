@@ -228,6 +228,10 @@ class TVCModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._meter.start()
+        schedulers = self.lr_schedulers()
+        if schedulers is not None:
+            # Read before the step: after it, Lightning has already moved the scheduler on.
+            self.log("train/lr", schedulers.get_last_lr()[0])
 
     def on_validation_start(self) -> None:
         self._meter.pause()  # validation time is not training throughput
@@ -296,9 +300,6 @@ class TVCModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log_dict(self._meter.step(self.model, batch))
-        schedulers = self.lr_schedulers()
-        if schedulers is not None:
-            self.log("train/lr", schedulers.get_last_lr()[0])
         self._log_skipped()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -9,7 +9,8 @@ from collections.abc import Callable
 def cosine_with_warmup(total_steps: int, warmup_ratio: float,
                        min_ratio: float = 0.0) -> Callable[[int], float]:
     """LR multiplier per step: linear warmup over ``warmup_ratio * total``, then cosine decay."""
-    warmup = int(math.ceil(warmup_ratio * total_steps))
+    # Rounded before ceil: 0.07 * 100 is 7.000000000000001 in floating point, not 8 steps' worth.
+    warmup = math.ceil(round(warmup_ratio * total_steps, 9))
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -13,9 +13,9 @@ The judge runs on rank 0 at scoring time, from the stored responses, with at mos
 ``--judge_concurrency`` requests in flight. Every reply received is appended to
 ``OUT/judge/replies.jsonl`` (flushed and fsynced per reply) under the item's mode and id, the judge
 model and a hash of the prompt, so a rerun never asks again for the same item: only requests that
-got no reply at all (the server was down, say) are asked again. After
-:data:`GIVE_UP_AFTER` consecutive items without a usable reply the judge is not asked about the
-rest (a wrong URL or model name would otherwise cost every item its full retries).
+got no reply at all (the server was down, say) are asked again. After :data:`GIVE_UP_AFTER`
+consecutive items that got no reply (each after its retries) the judge is not asked about the
+rest of the run (a wrong URL or model name would otherwise cost every item its full retries).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 from tvc_lightning.evaluate.benchmarks import EvalItem
 from tvc_lightning.extraction import _letter_of, _match_choice_text, _strip_wrapping, _to_number
 
-GIVE_UP_AFTER = 8  # consecutive items without a usable reply before the judge is given up
+GIVE_UP_AFTER = 8  # consecutive items without a reply before the judge is given up
 MAX_ANSWER_CHARS = 200  # a longer "answer" is the judge rambling, not an extraction
 RESPONSE_TAIL_CHARS = 12000  # the final answer is at the end; long chains keep their last part
 NO_ANSWER = "NONE"
@@ -235,6 +235,7 @@ class Judge:
         self.model, self.method = model, f"judge:{model}"
         self.concurrency, self.max_tokens = concurrency, max_tokens
         self.cache = ReplyCache(out / "judge" / "replies.jsonl")
+        self.gave_up = ""  # once set (why), no request is sent for the rest of this run
 
     def close(self) -> None:
         self.cache.close()
@@ -266,13 +267,13 @@ class Judge:
 
         bar = tqdm(total=len(todo), disable=not progress, desc=f"judge {mode}", unit="answer",
                    dynamic_ncols=True)
-        streak, gave_up = 0, ""
+        streak = 0
         pending: dict[Future[str], tuple[EvalItem, CacheKey]] = {}
         queue = iter(todo)
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             def submit() -> None:
                 # Fed one at a time so that, once the judge is given up, nothing more is sent.
-                while not gave_up and len(pending) < self.concurrency:
+                while not self.gave_up and len(pending) < self.concurrency:
                     nxt = next(queue, None)
                     if nxt is None:
                         return
@@ -289,22 +290,22 @@ class Judge:
                         reply = future.result()
                     except TeacherError as e:
                         outcome = JudgeOutcome(None, failure=f"judge error: {e}"[:500])
+                        streak += 1
                     else:
                         self.cache.add(key, reply)
                         outcome = self._outcome(item, reply)
+                        streak = 0
                     outcomes[item.id] = outcome
-                    streak = streak + 1 if outcome.answer is None else 0
-                    if streak >= GIVE_UP_AFTER and not gave_up:
-                        gave_up = (f"not asked: the judge gave no usable reply for {streak} items "
-                                   f"in a row (last: {outcome.failure})")
+                    if streak >= GIVE_UP_AFTER and not self.gave_up:
+                        self.gave_up = (f"not asked: the judge failed for {streak} items in a row "
+                                        f"(last: {outcome.failure})")[:500]
+                        print(f"evaluate: judge {self.model}: {self.gave_up}; rule-based "
+                              "extraction for the rest", file=sys.stderr)
                     bar.update(1)
                 submit()
         bar.close()
-        if gave_up:
-            print(f"evaluate: judge {self.model}: {gave_up}; rule-based extraction for the rest",
-                  file=sys.stderr)
-            for item, _, _ in todo:
-                outcomes.setdefault(item.id, JudgeOutcome(None, failure=gave_up[:500]))
+        for item, _, _ in todo:  # left unasked once the judge was given up
+            outcomes.setdefault(item.id, JudgeOutcome(None, failure=self.gave_up))
         stats.failed = sum(o.answer is None for o in outcomes.values())
         return outcomes, stats
 
