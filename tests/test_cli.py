@@ -311,3 +311,12 @@ def test_test_subcommand_is_gone_and_points_to_validate(tiny_workdir):
     assert "test" not in TVCLightningCLI.subcommands()
     assert "validate" in TVCLightningCLI.subcommands()
     assert "test_step" not in vars(TVCModule)
+
+
+def test_skipping_nonfinite_steps_is_refused_with_accumulation(tiny_workdir):
+    """A skipped micro-batch mid-window would still let the window's other gradients update the
+    weights (under DDP, each rank its own): refused before training starts."""
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        main(["fit", "--config", str(RECIPE), "--trainer.max_steps", "1", "--trainer.enable_progress_bar",
+              "false", "--trainer.limit_val_batches", "0", "--model.max_nonfinite_losses", "1",
+              "--trainer.accumulate_grad_batches", "2"])

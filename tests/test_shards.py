@@ -435,3 +435,30 @@ def test_load_split_gives_equal_counts_per_rank(tmp_path: Path) -> None:
     assert torch.distributed.is_initialized() is False
     with pytest.raises(ValueError, match="rank"):
         load_split(tmp_path, SkipCounter(), world_size=2, rank=2)
+
+
+def test_input_the_image_processor_or_json_would_choke_on_is_a_counted_skip(tmp_path: Path) -> None:
+    """A 300x1 banner (Qwen2-VL's processor refuses aspect ratios over 200), a JSON integer of
+    5,000 digits (Python's int limit), deeply nested JSON, and an encoder error of any other
+    type: each is one counted bad sample, never an exception that kills the DataLoader worker
+    (and, the stream being deterministic, every resumed run again)."""
+    write_shard(tmp_path / "a.tar", [
+        good("a0"),
+        ("a1", {"json": record("a1"), "png": png(size=(300, 1))}),
+        ("a2", {"json": b'{"id": "a2", "question": "q", "response": "r", "answer": ' + b"9" * 5000 + b"}",
+                "png": png()}),
+        ("a3", {"json": b"[" * 100_000 + b"]" * 100_000, "png": png()}),
+        good("a4crash"),
+        good("a5"),
+    ])
+
+    def encode(rec: SampleRecord, images: list[Image.Image], epoch: int) -> str:
+        if rec.id.endswith("crash"):
+            raise RuntimeError("an encoder bug this input triggers")
+        return rec.id
+
+    counter = SkipCounter()
+    ds = ShardDataset(tmp_path, encode, counter, shuffle_shards=False)
+    out = list(ds)
+    assert out == ["a0", "a5", "a0", "a5", "a0", "a5"]  # 6 indexed, 4 bad -> padded with repeats
+    assert counter.as_dict() == {**NO_SKIPS, "bad_image": 1, "bad_json": 2, "bad_record": 1}

@@ -351,6 +351,11 @@ class TVCModule(L.LightningModule):
                 self.trainer.strategy, DeepSpeedStrategy | ModelParallelStrategy):
             raise ValueError("model.max_nonfinite_losses > 0 skips steps, which DeepSpeed and "
                              "FSDP2 (ModelParallelStrategy) cannot: set it to 0")
+        if self.hparams.max_nonfinite_losses and self.trainer.accumulate_grad_batches > 1:
+            # A skipped micro-batch mid-window would still let the window's other gradients
+            # update the weights (under DDP: each rank its own, unsynchronised ones).
+            raise ValueError("model.max_nonfinite_losses > 0 needs trainer.accumulate_grad_batches "
+                             "= 1: a skipped micro-batch cannot skip its window's update")
 
     # -- optimization ----------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -36,6 +37,8 @@ from tvc_lightning.data.shards import (
 )
 from tvc_lightning.data.tokenize import ChatFormat, SampleEncoder
 from tvc_lightning.hf import load_processor
+
+log = logging.getLogger(__name__)
 
 
 class TVCDataModule(L.LightningDataModule):
@@ -194,6 +197,9 @@ class TVCDataModule(L.LightningDataModule):
                 kept.append((record, images))
             except SkipSample as skip:
                 val_counter.add(skip.reason)
+            except Exception as error:  # as in training (shards.py): a bad sample, counted
+                val_counter.add("bad_record")
+                log.warning("validation sample %s skipped: encoding failed: %r", record.id, error)
         per_rank = len(encoded) // world
         if per_rank == 0:
             raise ValueError(

@@ -248,6 +248,11 @@ class ShardDataset(IterableDataset):
             except SkipSample as e:
                 counter.add(e.reason)
                 continue
+            except Exception as e:  # untrusted input the encoder still chokes on: one bad sample,
+                # not a dead worker (and a resumed run dying on it again); loud, not silent
+                counter.add("bad_record")
+                log.warning("skip %s: encoding failed: %r", decoded[0].id, e)
+                continue
             yield out
 
 

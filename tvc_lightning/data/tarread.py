@@ -182,6 +182,10 @@ def _open_image(data: bytes, max_image_pixels: int) -> Image.Image:
         width, height = img.size
         if width * height > max_image_pixels:
             raise ValueError(f"image of {width}x{height} exceeds {max_image_pixels} pixels")
+        # Qwen2-VL's image processor refuses aspect ratios beyond 200 (smart_resize raises): such
+        # an image is a bad sample here, not an error that kills a DataLoader worker later.
+        if max(width, height) > 200 * min(width, height):
+            raise ValueError(f"image of {width}x{height}: aspect ratio beyond 200")
         img.load()
         return img.convert("RGB")
 
@@ -200,6 +204,10 @@ def decode_sample(
     except InvalidRecord as e:
         counter.add(e.reason if e.reason in counter.reasons else "bad_record")
         log.debug("skip %s: %s", key, e)
+        return None
+    except (ValueError, RecursionError) as e:  # json's own limits: huge integers, deep nesting
+        counter.add("bad_json")
+        log.debug("skip %s: %r", key, e)
         return None
     names = image_members(sample)
     if not names:
