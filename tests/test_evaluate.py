@@ -361,6 +361,35 @@ def test_lightning_checkpoint_scores_like_its_hf_directory(tmp_path, tiny_checkp
     assert _files(tmp_path / "hf") == _files(tmp_path / "ckpt")
     with pytest.raises(SystemExit, match="--checkpoint .*missing.ckpt: no such file"):
         main(["evaluate", *_mathvision_args(tmp_path / "missing.ckpt", tmp_path / "x", 4)])
+    # The mistake recorded nothing: the corrected command runs in the same --out.
+    assert not (tmp_path / "x" / "run.json").exists()
+    # last.ckpt rewritten by further training is another model: its answers must not join these.
+    torch.save({"state_dict": {f"model.{k}": v * 1.0001 for k, v in weights.items()},
+                "hyper_parameters": {"model_name_or_path": str(tiny_checkpoint)}}, ckpt)
+    with pytest.raises(SystemExit, match="checkpoint_stamp"):
+        main(["evaluate", *_mathvision_args(ckpt, tmp_path / "ckpt", 4), "--model_name", "tiny"])
+
+
+def test_lightning_checkpoint_stops_on_the_base_models_end_tokens(tmp_path, tiny_checkpoint):
+    """A .ckpt is rebuilt from the base's config; its generation config (Qwen2-VL: two end-of-turn
+    tokens) must come along, as validation and export use it."""
+    from transformers import GenerationConfig
+
+    from tvc_lightning.evaluate.run import load_for_eval
+    from tvc_lightning.hf import load_model
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    config = GenerationConfig.from_pretrained(base)
+    config.eos_token_id = [int(config.eos_token_id[0]) if isinstance(config.eos_token_id, list)
+                           else int(config.eos_token_id), 3]
+    config.save_pretrained(base)
+    weights = load_model(base).state_dict()
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in weights.items()},
+                "hyper_parameters": {"model_name_or_path": str(base)}}, ckpt)
+    model, _ = load_for_eval(str(ckpt), None, "float32", "sdpa")
+    assert model.generation_config.eos_token_id == config.eos_token_id
 
 
 def test_evaluate_converted_shards(tmp_path, tiny_checkpoint):
@@ -398,3 +427,18 @@ def test_eval_recipe_composes_with_flags():
     assert (s.benchmark, s.compare_plain, s.limit, s.max_pixels) == ("mathvision", True, 5, 50176)
     assert s.generation.max_new_tokens == 96 and s.generation.max_calibrations == 0
     assert s.generation.repetition_penalty == 1.05
+
+
+def test_a_parsable_last_line_without_its_newline_counts_as_torn(tmp_path):
+    """A kill can stop a write right before the newline: the row must not count as done, since
+    the writer cuts that line off before appending (the items would vanish from the results)."""
+    from tvc_lightning.evaluate.progress import ProgressWriter, progress_dir, read_done
+
+    folder = progress_dir(tmp_path)
+    folder.mkdir(parents=True)
+    first = ProgressWriter.encode("pvc", [{"id": "1", "response": "a"}])
+    second = ProgressWriter.encode("pvc", [{"id": "2", "response": "b"}])
+    (folder / "rank0.jsonl").write_bytes(first + second[:-1])
+    assert set(read_done(tmp_path)) == {("pvc", "1")}
+    ProgressWriter(tmp_path, 0)  # repairs the tail
+    assert (folder / "rank0.jsonl").read_bytes() == first

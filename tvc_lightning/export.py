@@ -52,13 +52,19 @@ def _lightning_checkpoint(path: Path, dtype: torch.dtype) -> dict[str, Any]:
     if path.is_dir() and (path / ".metadata").exists():
         return _distributed_checkpoint(path, dtype)
     if path.is_dir():
+        if not ((path / "latest").exists() or (path / "checkpoint").is_dir()):
+            raise ValueError(
+                f"checkpoint {path}: a folder that is neither a DeepSpeed checkpoint (no `latest` "
+                "file or `checkpoint/` folder), nor FSDP2's sharded one (no `.metadata`), nor an HF "
+                "model directory (no config.json); give a .ckpt file or one of those folders"
+            )
         try:
             from lightning.pytorch.utilities.deepspeed import (
                 convert_zero_checkpoint_to_fp32_state_dict,
             )
         except ImportError as e:  # pragma: no cover - depends on the install
             raise ImportError(
-                f"{path} is a DeepSpeed checkpoint directory: `pip install deepspeed` to export it"
+                f"{path} is a DeepSpeed checkpoint directory: `pip install deepspeed` to read it"
             ) from e
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "consolidated.ckpt"

@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m tvc_lightning evaluate --config recipes/eval_tiny.yaml
+    python -m tvc_lightning evaluate --config recipes/eval/tiny.yaml
     python -m tvc_lightning evaluate --checkpoint outputs/tiny/checkpoints/last.ckpt \\
         --benchmark mathvision --input MathVision/testmini.jsonl --image_root MathVision \\
         --out outputs/eval/mathvision --compare_plain true --generation.max_new_tokens 8192

@@ -145,7 +145,8 @@ def mathvision_scores(lines: list[dict[str, Any]], raw_by_id: dict[str, dict[str
     counts: dict[str, list[int]] = {}
     for line in lines:
         raw = raw_by_id[str(line["id"])]
-        subject, level = raw["subject"], raw["level"]
+        # A subset without MATH-V's fields still scores (under "unknown"), not a KeyError at the end.
+        subject, level = raw.get("subject", "unknown"), raw.get("level", "unknown")
         for key in ("-all", f"-level{level}", f"{subject}", f"{subject}_level{level}",
                     f"-level{level}_{subject}"):
             c = counts.setdefault(key, [0, 0])

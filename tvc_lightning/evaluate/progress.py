@@ -40,7 +40,10 @@ def _parse(path: Path) -> tuple[list[dict[str, Any]], int]:
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
+    torn = bool(data) and not data.endswith(b"\n")
     for i, line in enumerate(lines):
+        if torn and i == len(lines) - 1:
+            continue  # cut short by a kill (even if it parses): ProgressWriter removes it
         try:
             row = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):

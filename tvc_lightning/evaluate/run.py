@@ -152,6 +152,12 @@ def load_for_eval(checkpoint: str, base_model: str | None, dtype: str,
     model, info = Qwen2VLForConditionalGeneration.from_pretrained(
         None, config=AutoConfig.from_pretrained(base), state_dict=state, dtype=target,
         attn_implementation=attn_implementation, output_loading_info=True)
+    # The base's end-of-turn tokens and sampling defaults, as validation and export use them
+    # (config.json alone gives Qwen2-VL a single eos and answers that run past <|endoftext|>).
+    if (Path(base) / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(base)
     # HF would fill missing weights randomly and only warn: an evaluation of that is meaningless.
     wrong = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys",
                                                      "mismatched_keys")}
@@ -164,9 +170,34 @@ def load_for_eval(checkpoint: str, base_model: str | None, dtype: str,
     return model, base
 
 
+def _checkpoint_stamp(checkpoint: str) -> list[int]:
+    """Size and newest modification time of the checkpoint's files: ``last.ckpt`` rewritten in
+    place by further training is another model, whose answers must not join the stored ones."""
+    path = Path(checkpoint)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    stats = [f.stat() for f in files]
+    return [sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
+
+
+def _check_inputs(s: EvalSettings, dtype: str) -> None:
+    """Flags whose mistakes would otherwise only show after run.json recorded them (and then
+    refused the corrected rerun)."""
+    from tvc_lightning.hf import resolve_dtype
+
+    if not Path(s.checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint {s.checkpoint}: no such file or directory")
+    try:
+        resolve_dtype(dtype)
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"--dtype {s.dtype}: {error}") from None
+    if s.base_model is not None and not Path(s.base_model).is_dir():
+        raise FileNotFoundError(f"--base_model {s.base_model}: no such directory")
+
+
 def _run_settings(s: EvalSettings, dtype: str) -> dict[str, Any]:
     """What shapes the answers: a restart must keep these (see :func:`check_run_settings`)."""
-    return {"checkpoint": str(Path(s.checkpoint).resolve()), "benchmark": s.benchmark,
+    return {"checkpoint": str(Path(s.checkpoint).resolve()),
+            "checkpoint_stamp": _checkpoint_stamp(s.checkpoint), "benchmark": s.benchmark,
             "input": str(Path(s.input).resolve()), "base_model": s.base_model,
             "generation": dataclasses.asdict(s.generation), "system_prompt": s.system_prompt,
             "question_suffix": s.question_suffix, "min_pixels": s.min_pixels,
@@ -264,6 +295,7 @@ def _evaluate(s: EvalSettings, rank: int, world: int, started: float) -> dict[st
             print(f"evaluate: {message}", file=sys.stderr)
     absent = {i for i, _ in missing}
     items = [item for item in bench.items if item.id not in absent]
+    _check_inputs(s, dtype)
     judge = make_judge(s, out) if rank == 0 else None  # a bad --judge URL fails before run.json
     try:
         rescored = check_run_settings(out, _run_settings(s, dtype), write=rank == 0,
