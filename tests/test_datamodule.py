@@ -77,6 +77,10 @@ def test_bad_records_are_skipped_counted_and_training_continues(tmp_path, tiny_c
     assert counts["bad_image"] == 1
     assert counts["too_long"] == 1
     assert counts["bad_tar"] == 1
+    # What the logs show: the skips, and the bad samples replaced by repeats (equal shares).
+    logged = trainer.callback_metrics
+    assert float(logged["data/skipped_bad_json"]) == 1
+    assert float(logged["data/padded"]) == dm.train_dataset.padded.as_dict()["padded"] > 0
     # 6 good samples in the intact shard + those before the cut in the truncated one.
     assert trainer.global_step >= 3
     assert count_samples(str(shards)) >= 10  # headers of the intact shard at least

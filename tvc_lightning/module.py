@@ -318,9 +318,14 @@ class TVCModule(L.LightningModule):
         counter = getattr(getattr(self.trainer, "datamodule", None), "skip_counter", None)
         if counter is None:
             return
-        counts = counter.as_dict()
-        for reason, n in counts.items():
-            self.log(f"data/skipped_{reason}", float(n), reduce_fx="sum", sync_dist=True)
+        counts = {f"data/skipped_{reason}": n for reason, n in counter.as_dict().items()}
+        # Bad samples replaced by repeats to keep the shares equal (exact epochs): a shard gone bad
+        # shows here as a rising count, not only as a smaller set of distinct samples.
+        padded = getattr(getattr(self.trainer.datamodule, "train_dataset", None), "padded", None)
+        if padded is not None:
+            counts["data/padded"] = padded.as_dict()["padded"]
+        for key, n in counts.items():
+            self.log(key, float(n), reduce_fx="sum", sync_dist=True)
 
     # -- exact resume: global RNG states ---------------------------------------------------------
     # Lightning checkpoints no RNG state. Training draws none today (Qwen2-VL has no dropout; data
