@@ -9,6 +9,7 @@ import pytest
 
 from data_engine.synth import write_split
 from tests.conftest import CALIBRATING, assert_pvc_calibrated
+from tests.wandb_history import config as wandb_config
 from tests.wandb_history import history
 from tvc_lightning.cli import main
 
@@ -217,27 +218,6 @@ def test_generation_callback_runs_after_every_nth_epoch_and_always_in_validate()
     assert all(every1.due(trainer(TrainerFn.FITTING, e)) for e in range(3))
 
 
-def _wandb_config(run_dir: Path) -> dict:
-    """The run config an offline W&B run recorded (its ``config`` records, merged)."""
-    import json
-
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    from tests.wandb_history import _payloads
-
-    (log,) = Path(run_dir).glob("run-*.wandb")
-    config = {}
-    for payload in _payloads(log.read_bytes()):
-        record = pb.Record()
-        record.ParseFromString(payload)
-        kind = record.WhichOneof("record_type")
-        if kind in ("config", "run"):
-            updates = record.config.update if kind == "config" else record.run.config.update
-            for item in updates:
-                config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-    return config
-
-
 def test_fit_again_refuses_the_old_checkpoints_and_wandb_config_is_the_whole_config(tiny_workdir):
     args = ["fit", "--config", str(RECIPE), "--trainer.max_steps", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"]
@@ -246,7 +226,7 @@ def test_fit_again_refuses_the_old_checkpoints_and_wandb_config_is_the_whole_con
     assert (folder / "last.ckpt").exists()
     assert "pool_kernel: 4" in (folder / "config.yaml").read_text()  # the run's own config
     (run_dir,) = (tiny_workdir / "wandb").glob("offline-run-*")
-    config = _wandb_config(run_dir)
+    config = wandb_config(run_dir)
     assert "data" in config, sorted(config)
     assert config["data"]["dvr"]["max_injections"] == 2
     assert config["model"]["generation"]["every_n_tokens"] == 48

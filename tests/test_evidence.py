@@ -1,0 +1,108 @@
+"""The evidence driver's pure parts: bootstrap intervals, curve readers, the markdown writer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tvc_lightning.analyze.evidence_report import (
+    READING_END,
+    READING_START,
+    Interval,
+    accuracy_table,
+    bootstrap_ci,
+    forgetting_summary,
+    kept_reading,
+    paired_diff_ci,
+    read_flags,
+    removal_summary,
+    render_doc,
+)
+
+
+def test_bootstrap_ci_brackets_the_mean_and_is_seeded():
+    flags = [True] * 30 + [False] * 70
+    ci = bootstrap_ci(flags, resamples=500, seed=1)
+    assert ci.value == pytest.approx(0.3)
+    assert ci.low < 0.3 < ci.high
+    # Binomial standard error at n=100, p=0.3 is ~0.046: a 95% interval is ~0.18 wide.
+    assert 0.12 < ci.high - ci.low < 0.25
+    assert bootstrap_ci(flags, resamples=500, seed=1) == ci
+
+
+def test_bootstrap_ci_of_a_constant_is_a_point():
+    assert bootstrap_ci([True] * 10, resamples=50) == Interval(1.0, 1.0, 1.0, 10)
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+def test_paired_difference_uses_the_pairing():
+    # b is a wrong on exactly the items a gets right: the difference is always +1 per pair.
+    a = [True, False] * 20
+    b = [False, True] * 20
+    same = paired_diff_ci(a, [x for x in a], resamples=200)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    diff = paired_diff_ci(a, b, resamples=200)
+    assert diff.value == 0.0 and diff.low < 0 < diff.high
+    assert not diff.excludes_zero()
+    assert paired_diff_ci([True] * 40, [False] * 40, resamples=50).excludes_zero()
+    with pytest.raises(ValueError):
+        paired_diff_ci([True], [True, False])
+
+
+def test_accuracy_table_has_both_arms_and_modes():
+    cells = {(arm, mode): Interval(0.25, 0.1, 0.4, 64)
+             for arm in ("plain", "dvr") for mode in ("plain", "pvc")}
+    table = accuracy_table(cells).splitlines()
+    assert len(table) == 4
+    assert "plain decoding" in table[0] and "PVC decoding" in table[0]
+    assert table[2].startswith("| plain SFT") and table[3].startswith("| DVR")
+    assert "0.250 [0.100, 0.400]" in table[3]
+
+
+def test_readers(tmp_path):
+    results = tmp_path / "results_pvc.jsonl"
+    results.write_text("\n".join(json.dumps({"id": f"x{i}", "correct": i % 2 == 0})
+                                 for i in range(4)) + "\n")
+    assert read_flags(results) == {"x0": True, "x1": False, "x2": True, "x3": False}
+    curve = tmp_path / "forgetting_curve.csv"
+    curve.write_text("mode,layer,bin,original,copy,samples\n"
+                     "plain,0,0,0.4,0.0,2\nplain,1,0,0.2,0.0,2\n"
+                     "plain,0,1,0.2,0.0,2\nplain,1,1,0.0,0.0,2\n")
+    assert forgetting_summary(curve) == {"plain": [(0, pytest.approx(0.3), 0.0),
+                                                   (1, pytest.approx(0.1), 0.0)]}
+    removal = tmp_path / "removal_curve.csv"
+    removal.write_text("r,accuracy,samples,mean_generated,same_as_baseline\n"
+                       "0.0,0.1,8,10,0.5\n1.0,0.3,8,10,1.0\nbaseline,0.3,8,10,1.0\n")
+    assert removal_summary(removal) == [("0.0", 0.1, 0.5), ("1.0", 0.3, 1.0),
+                                        ("baseline", 0.3, 1.0)]
+
+
+def _doc(reading: str | None) -> str:
+    cells = {(arm, mode): Interval(0.5 if arm == "dvr" else 0.2, 0.1, 0.6, 8)
+             for arm in ("plain", "dvr") for mode in ("plain", "pvc")}
+    curve = {"plain": [(0, 0.3, 0.0), (1, 0.1, 0.0)]}
+    return render_doc(
+        command="make evidence", date="2026-12-01", machine="2-core CPU", sizes={"model": "m"},
+        cells=cells, diffs={"dvr+pvc - plain+plain": Interval(0.3, 0.05, 0.5, 8)},
+        forgetting={"plain": curve, "dvr": curve},
+        removal={"plain": [("0.0", 0.1, 0.5), ("baseline", 0.2, 1.0)],
+                 "dvr": [("0.0", 0.2, 0.5), ("baseline", 0.5, 1.0)]},
+        figures={"plain forgetting": "evidence/plain_forgetting.png"},
+        timings={"fits": 120.0}, train_loss={"plain": 0.5, "dvr": 0.4}, chance=0.13,
+        reading=reading, resamples=100)
+
+
+def test_render_doc_and_kept_reading():
+    doc = _doc(None)
+    assert "2026-12-01" in doc and "2-core CPU" in doc and "fits 2.0 min" in doc
+    assert "![plain forgetting](evidence/plain_forgetting.png)" in doc
+    assert "+0.300 [+0.050, +0.500]; the interval excludes 0." in doc
+    assert "decays along the response" in doc
+    assert "| baseline |" in doc
+    assert kept_reading(doc) == "(not written yet)"
+    again = _doc(kept_reading(doc.replace("(not written yet)", "It does not reproduce.")))
+    assert kept_reading(again) == "It does not reproduce."
+    assert again.count(READING_START) == 1 and again.count(READING_END) == 1
+    assert kept_reading(None) is None and kept_reading("no markers") is None

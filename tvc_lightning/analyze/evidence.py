@@ -1,0 +1,267 @@
+"""The evidence run on CPU: plain SFT vs DVR, each decoded plainly and with PVC, on ``late_lookup``.
+
+``python -m tvc_lightning.analyze.evidence`` (``make evidence``) does, under ``outputs/evidence/``:
+
+1. a small random Qwen2-VL checkpoint (``model/``, :data:`MODEL_SIZES`) and ``synth --task
+   late_lookup`` shards (``data/train``, ``data/val``, :data:`DATA_SIZES`), each only if absent;
+2. the two fits, ``recipes/evidence/plain.yaml`` and ``recipes/evidence/dvr.yaml`` (same data,
+   steps and seeds; only ``data.dvr.p`` differs), side by side, one CPU thread each;
+3. ``evaluate --benchmark shards --compare_plain true`` of both checkpoints on ``data/val``;
+4. ``analyze forgetting`` and ``analyze removal`` of both;
+5. bootstrap intervals and ``docs/evidence.md`` (figures copied to ``docs/evidence/``).
+
+Every step whose output exists is skipped, so a stopped run continues where it stopped. The
+reading between the markers of an existing ``docs/evidence.md`` is kept when it is rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from tvc_lightning.analyze.evidence_report import (
+    ARMS,
+    MODES,
+    Interval,
+    bootstrap_ci,
+    forgetting_summary,
+    kept_reading,
+    paired_diff_ci,
+    read_flags,
+    removal_summary,
+    render_doc,
+)
+
+MODEL_SIZES = dict(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2,
+                   intermediate_size=512, vision_depth=2, vision_dim=64, vision_heads=2)
+DATA_SIZES = dict(num_train=4000, num_val=128, detour_steps=1, image_size=168, seed=0)
+MAX_PIXELS = 168 * 168
+# PVC as DVR trained it: the same pooling (6 x 6 merged grid -> 3 x 3), a calibration at a
+# reflection phrase or bridge, else every 200 tokens (DVR's fallback is the response midpoint,
+# ~220 tokens into these ~440-token chains); greedy, long enough for the whole chain.
+GENERATION = dict(pool_kernel=2, reset="visual", every_n_tokens=200, min_gap=64,
+                  max_calibrations=2, max_new_tokens=640, repetition_penalty=1.0)
+FORGETTING_LIMIT = 16
+REMOVAL_LIMIT = 32
+REMOVAL_GRID = "[0, 0.25, 0.5, 0.75, 1]"
+RESAMPLES = 2000
+
+
+def _generation_flags() -> list[str]:
+    return [f"--generation.{k}={v}" for k, v in GENERATION.items()]
+
+
+def _env(threads: int) -> dict[str, str]:
+    # Two processes share two cores: several BLAS threads each thrash (50x slower decode steps
+    # measured on this machine), one thread each does not.
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    return env
+
+
+def run_parallel(jobs: dict[str, list[str]], logs: Path, threads: int) -> None:
+    """Run the commands side by side, each logging to ``logs/NAME.log``; raise if one fails."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for name, cmd in jobs.items():
+        log = (logs / f"{name}.log").open("w", encoding="utf-8")
+        print(f"[evidence] {name}: {' '.join(cmd)}", flush=True)
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(threads)),
+                       log)
+    failed = []
+    for name, (proc, log) in procs.items():
+        if proc.wait() != 0:
+            failed.append(f"{name} (exit {proc.returncode}, see {logs / (name + '.log')})")
+        log.close()
+    if failed:
+        raise RuntimeError("failed: " + ", ".join(failed))
+
+
+def build_inputs(root: Path) -> None:
+    """The random checkpoint and the shards, each only if absent."""
+    from tvc_lightning.testing import save_tiny_qwen2vl
+
+    save_tiny_qwen2vl(root / "model", seed=0, **MODEL_SIZES)
+    data = root / "data"
+    if not (data / "val").exists():
+        s = DATA_SIZES
+        subprocess.run([sys.executable, "-m", "data_engine", "synth", "--task", "late_lookup",
+                        "--out", str(data), "--num-train", str(s["num_train"]),
+                        "--num-val", str(s["num_val"]), "--detour-steps", str(s["detour_steps"]),
+                        "--image-size", str(s["image_size"]), "--seed", str(s["seed"])],
+                       check=True, env=_env(1))
+
+
+def fit_jobs(root: Path, recipes: Path) -> dict[str, list[str]]:
+    """The fits still to run (an arm with ``last.ckpt`` is done)."""
+    jobs = {}
+    for arm in ARMS:
+        ckpts = root / arm / "checkpoints"
+        if (ckpts / "last.ckpt").exists():
+            continue
+        # A fit refuses a folder holding checkpoints; leftovers here are an interrupted fit's.
+        shutil.rmtree(ckpts, ignore_errors=True)
+        jobs[f"fit_{arm}"] = [sys.executable, "-m", "tvc_lightning", "fit", "--config",
+                              str(recipes / f"{arm}.yaml")]
+    return jobs
+
+
+def eval_jobs(root: Path) -> dict[str, list[str]]:
+    jobs = {}
+    for arm in ARMS:
+        out = root / arm / "eval"
+        if (out / "summary.json").exists():
+            continue
+        jobs[f"eval_{arm}"] = [
+            sys.executable, "-m", "tvc_lightning", "evaluate",
+            "--checkpoint", str(root / arm / "checkpoints" / "last.ckpt"),
+            "--benchmark", "shards", "--input", str(root / "data" / "val"), "--out", str(out),
+            "--compare_plain", "true", "--batch_size", "32", "--max_pixels", str(MAX_PIXELS),
+            "--progress_bar", "false", *_generation_flags()]
+    return jobs
+
+
+def analyze_jobs(root: Path, command: str) -> dict[str, list[str]]:
+    jobs = {}
+    for arm in ARMS:
+        out = root / arm / command
+        if (out / f"{command}_curve.csv").exists():
+            continue
+        extra = (["--limit", str(FORGETTING_LIMIT), "--batch_size", str(FORGETTING_LIMIT)]
+                 if command == "forgetting" else
+                 ["--limit", str(REMOVAL_LIMIT), "--batch_size", str(REMOVAL_LIMIT),
+                  "--grid", REMOVAL_GRID])
+        jobs[f"{command}_{arm}"] = [
+            sys.executable, "-m", "tvc_lightning", "analyze", command,
+            "--checkpoint", str(root / arm / "checkpoints" / "last.ckpt"),
+            "--data", str(root / "data" / "val"), "--out", str(out),
+            "--max_pixels", str(MAX_PIXELS), *extra, *_generation_flags()]
+    return jobs
+
+
+def final_train_loss(arm_dir: Path, last: int = 5) -> float:
+    """Mean of the last ``last`` logged ``train/loss`` values (CSVLogger's metrics.csv)."""
+    import csv
+
+    files = sorted((arm_dir / "logs").glob("version_*/metrics.csv"))
+    if not files:
+        return float("nan")
+    with files[-1].open(encoding="utf-8") as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    tail = losses[-last:]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
+def collect(root: Path) -> tuple[dict[tuple[str, str], Interval], dict[str, Interval], float]:
+    """The 2x2 cells, the paired differences, and the held-out majority-answer rate."""
+    flags = {(arm, mode): read_flags(root / arm / "eval" / f"results_{mode}.jsonl")
+             for arm in ARMS for mode in MODES}
+    ids = sorted(set.intersection(*(set(f) for f in flags.values())))
+    vec = {k: [f[i] for i in ids] for k, f in flags.items()}
+    cells = {k: bootstrap_ci(v, RESAMPLES) for k, v in vec.items()}
+    diffs = {
+        "dvr+pvc - plain+plain": paired_diff_ci(vec[("dvr", "pvc")], vec[("plain", "plain")], RESAMPLES),
+        "dvr+pvc - dvr+plain": paired_diff_ci(vec[("dvr", "pvc")], vec[("dvr", "plain")], RESAMPLES),
+        "dvr+plain - plain+plain": paired_diff_ci(vec[("dvr", "plain")], vec[("plain", "plain")],
+                                                  RESAMPLES),
+        "plain+pvc - plain+plain": paired_diff_ci(vec[("plain", "pvc")], vec[("plain", "plain")],
+                                                  RESAMPLES),
+    }
+    answers = Counter()
+    for line in (root / "plain" / "eval" / "results_plain.jsonl").read_text().splitlines():
+        if line.strip():
+            answers[json.loads(line)["answer"]] += 1
+    chance = answers.most_common(1)[0][1] / sum(answers.values())
+    return cells, diffs, chance
+
+
+def sizes_text() -> dict[str, str]:
+    m, d, g = MODEL_SIZES, DATA_SIZES, GENERATION
+    return {
+        "model": (f"random Qwen2-VL, {m['num_layers']} layers, hidden {m['hidden_size']}, "
+                  f"{m['num_heads']}/{m['num_kv_heads']} heads, intermediate "
+                  f"{m['intermediate_size']}, vision tower {m['vision_depth']} x {m['vision_dim']} "
+                  "(trained, not frozen), the tiny 640-token tokenizer"),
+        "data": (f"`synth --task late_lookup --detour-steps {d['detour_steps']} --image-size "
+                 f"{d['image_size']} --seed {d['seed']}`: {d['num_train']} train, {d['num_val']} "
+                 "held-out val items (~320 question tokens, ~440 response tokens, 36 image tokens)"),
+        "training": ("recipes/evidence/{plain,dvr}.yaml: 1000 steps x batch 4 (one epoch), AdamW "
+                     "lr 1e-3, warm-up 10%, fp32, seed 0; DVR: 1 injection, pool kernel 2"),
+        "decoding": "greedy; " + ", ".join(f"{k} {v}" for k, v in g.items())
+                    + "; plain = the same with max_calibrations 0",
+        "analyses": (f"forgetting: first {FORGETTING_LIMIT} val items, pvc and plain; removal: "
+                     f"first {REMOVAL_LIMIT} val items, grid {REMOVAL_GRID}"),
+    }
+
+
+def write_doc(root: Path, docs: Path, command: str, date: str, machine: str,
+              timings: dict[str, float]) -> Path:
+    cells, diffs, chance = collect(root)
+    figures = {}
+    (docs / "evidence").mkdir(parents=True, exist_ok=True)
+    for arm in ARMS:
+        for kind in ("forgetting", "removal"):
+            png = root / arm / kind / f"{kind}.png"
+            if png.exists():
+                shutil.copyfile(png, docs / "evidence" / f"{arm}_{kind}.png")
+                figures[f"{arm} {kind}"] = f"evidence/{arm}_{kind}.png"
+    forgetting = {arm: forgetting_summary(root / arm / "forgetting" / "forgetting_curve.csv")
+                  for arm in ARMS}
+    removal = {arm: removal_summary(root / arm / "removal" / "removal_curve.csv") for arm in ARMS}
+    doc = docs / "evidence.md"
+    reading = kept_reading(doc.read_text(encoding="utf-8") if doc.exists() else None)
+    doc.write_text(render_doc(
+        command=command, date=date, machine=machine, sizes=sizes_text(), cells=cells, diffs=diffs,
+        forgetting=forgetting, removal=removal, figures=figures, timings=timings,
+        train_loss={arm: final_train_loss(root / arm) for arm in ARMS}, chance=chance,
+        reading=reading, resamples=RESAMPLES), encoding="utf-8")
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or continue) the evidence pipeline and write ``docs/evidence.md``."""
+    p = argparse.ArgumentParser(prog="python -m tvc_lightning.analyze.evidence",
+                                description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--root", type=Path, default=Path("outputs/evidence"))
+    p.add_argument("--recipes", type=Path, default=Path("recipes/evidence"))
+    p.add_argument("--docs", type=Path, default=Path("docs"))
+    p.add_argument("--date", default=time.strftime("%Y-%m-%d"))
+    p.add_argument("--machine", default=f"{os.cpu_count()}-core CPU")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per subprocess")
+    args = p.parse_args(argv)
+    timings_file = args.root / "timings.json"
+    timings: dict[str, float] = (json.loads(timings_file.read_text())
+                                 if timings_file.exists() else {})
+    args.root.mkdir(parents=True, exist_ok=True)
+    stages = (("setup", None), ("fits", lambda: fit_jobs(args.root, args.recipes)),
+              ("evaluate", lambda: eval_jobs(args.root)),
+              ("forgetting", lambda: analyze_jobs(args.root, "forgetting")),
+              ("removal", lambda: analyze_jobs(args.root, "removal")))
+    for name, jobs in stages:
+        start = time.monotonic()
+        if jobs is None:
+            build_inputs(args.root)
+        else:
+            todo = jobs()
+            if not todo:
+                continue
+            run_parallel(todo, args.root / "logs", args.threads)
+        # Only the time spent in this invocation is added: a resumed run reports the sum.
+        timings[name] = timings.get(name, 0.0) + time.monotonic() - start
+        timings_file.write_text(json.dumps(timings, indent=2))
+        print(f"[evidence] {name} done in {timings[name] / 60:.1f} min", flush=True)
+    doc = write_doc(args.root, args.docs, "make evidence", args.date, args.machine, timings)
+    print(f"[evidence] wrote {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
