@@ -11,7 +11,7 @@ LOCK := requirements/lock-py311.txt
 TORCH_SPEC ?= torch==2.13.0
 LATEST_VENV ?= .venv-latest
 
-.PHONY: venv demo test lint bench lock test-latest clean-demo
+.PHONY: venv demo test lint bench lock test-latest evidence clean-demo
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,12 @@ test-latest:
 	$(LATEST_VENV)/bin/python tools/lockfile.py freeze outputs/latest-versions.txt
 	-diff $(LOCK) outputs/latest-versions.txt
 	$(LATEST_VENV)/bin/python -m pytest -q
+
+# Plain SFT vs DVR x plain vs PVC decoding on synth's late_lookup task, on CPU (~35 min on 2 cores):
+# writes outputs/evidence/, docs/evidence.md and docs/evidence/*.png. A rerun continues where it
+# stopped; rm -rf outputs/evidence to start afresh.
+evidence: venv
+	$(PY) -m tvc_lightning.analyze.evidence
 
 clean-demo:
 	rm -rf outputs/tiny

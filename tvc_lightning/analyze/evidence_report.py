@@ -159,8 +159,8 @@ def verdicts(cells: Mapping[tuple[str, str], Interval], diffs: Mapping[str, Inte
     for (arm, mode), cell in sorted(cells.items()):
         above = cell.low > chance
         out.append(f"{ARM_NAMES[arm]}, {MODE_NAMES[mode]}: {cell.fmt()}, "
-                   + (f"above the text-only majority rate {chance:.2f}." if above else
-                      f"not above the text-only majority rate {chance:.2f}."))
+                   + (f"above the best constant answer's {chance:.2f}." if above else
+                      f"not above the best constant answer's {chance:.2f}."))
     for arm, modes in forgetting.items():
         rows = modes.get("plain")
         if rows and rows[0][1] > 0:
@@ -197,7 +197,8 @@ def render_doc(*, command: str, date: str, machine: str, sizes: Mapping[str, str
         "## Accuracy on the held-out split (2x2)",
         "",
         f"Accuracy over {n} held-out `val` items, with 95% percentile-bootstrap intervals "
-        f"({resamples} resamples of the items). Text-only majority rate of the task: {chance:.2f}.",
+        f"({resamples} resamples of the items). Best constant answer on these items (a text-only "
+        f"guess that ignores the question and the image): {chance:.2f}.",
         "",
         accuracy_table(cells),
         "",
