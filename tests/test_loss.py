@@ -548,3 +548,16 @@ def test_chunked_dispatches_on_the_head_type() -> None:
     wrapped = CountingHead(D, V)
     chunked_cross_entropy(hidden, wrapped, labels, chunk_size=8)
     assert wrapped.calls == 6  # checkpointed
+
+
+def test_calls_head_once_only_for_the_fused_path():
+    """Sharded ranks skip the chunk-count all-reduce exactly when the loss calls the head once."""
+    from tvc_lightning.loss import calls_head_once
+
+    class Lora(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    assert calls_head_once(torch.nn.Linear(4, 8))
+    assert not calls_head_once(Lora(4, 8))
+    assert not calls_head_once(torch.nn.Sequential(torch.nn.Linear(4, 8)))

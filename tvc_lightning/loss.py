@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "calls_head_once",
     "checkpointed_cross_entropy",
     "chunked_cross_entropy",
     "fused_linear_cross_entropy",
@@ -205,6 +206,12 @@ def _fusable(lm_head: torch.nn.Module) -> bool:
         and type(lm_head).forward is torch.nn.Linear.forward
         and "forward" not in vars(lm_head)
     )
+
+
+def calls_head_once(lm_head: torch.nn.Module) -> bool:
+    """Does :func:`chunked_cross_entropy` call this head once per loss, whatever the chunk count
+    (the fused path)? Then sharded ranks need no agreement on a number of head calls."""
+    return _fusable(lm_head)
 
 
 def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -15,7 +15,7 @@ from tvc_lightning.data.resume import WINDOW_LABELS_KEY
 from tvc_lightning.data.tokenize import IGNORE_INDEX
 from tvc_lightning.flops import ThroughputMeter, peak_flops
 from tvc_lightning.hf import load_model, resolve_dtype
-from tvc_lightning.loss import chunked_cross_entropy
+from tvc_lightning.loss import calls_head_once, chunked_cross_entropy
 from tvc_lightning.pvc import PVCConfig
 from tvc_lightning.schedule import cosine_with_warmup
 from tvc_lightning.vision import encode_images, merged_grids, segment_features
@@ -213,9 +213,10 @@ class TVCModule(L.LightningModule):
         labels = batch["labels"][:, 1:]
         chunk = self.hparams.loss_chunk_size
         chunks = 1
-        if _is_sharded(self.model.lm_head.weight):
+        if _is_sharded(self.model.lm_head.weight) and not calls_head_once(self.model.lm_head):
             # Every lm_head call then gathers its weight collectively: all ranks must make as many
-            # calls as the rank with the most labelled tokens. (Other strategies need no sync.)
+            # calls as the rank with the most labelled tokens. The fused loss calls the head once
+            # whatever the count, so it needs neither this all-reduce nor its host sync.
             chunks = max(1, -(-int((labels != IGNORE_INDEX).sum()) // chunk))
             count = torch.tensor([chunks], device=hidden.device)
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
