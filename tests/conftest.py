@@ -6,13 +6,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tvc_lightning.testing import save_tiny_qwen2vl, tiny_qwen2vl
+from tvc_lightning.families import FAMILIES
+from tvc_lightning.testing import save_tiny_qwen2vl, tiny_model, tiny_qwen2vl
 
 
 @pytest.fixture(scope="session")
 def tiny():
     """``(model, processor)``: fp32, eval mode, seed 0."""
     return tiny_qwen2vl(seed=0)
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILIES))
+def tiny_family(request, tiny):
+    """``(model, processor)`` of a tiny model of every supported family (the exactness suite):
+    fp32, eval mode, seed 0; Qwen2-VL's is the session's ``tiny``."""
+    return tiny if request.param == "qwen2_vl" else tiny_model(request.param, seed=0)
 
 
 @pytest.fixture(scope="session")

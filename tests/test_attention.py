@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from tests.conftest import random_image
+from tvc_lightning.families import FAMILIES
 from tvc_lightning.pvc.attention import (
     KIND_COPY,
     KIND_INVALID,
@@ -25,15 +26,17 @@ from tvc_lightning.pvc.attention import (
     prompt_key_kinds,
     visual_attention_shares,
 )
-from tvc_lightning.testing import tiny_qwen2vl
+from tvc_lightning.testing import tiny_model, tiny_qwen2vl
 
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def models():
-    sdpa, processor = tiny_qwen2vl(seed=0)
-    eager, _ = tiny_qwen2vl(seed=0, attn_implementation="eager")
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def models(request):
+    """Every family's tiny model twice: the probe's query/key handling (Qwen3-VL: per-head
+    RMSNorm before the rotation) is checked against each family's own eager attention."""
+    sdpa, processor = tiny_model(request.param, seed=0)
+    eager, _ = tiny_model(request.param, seed=0, attn_implementation="eager")
     for a, b in zip(sdpa.parameters(), eager.parameters(), strict=True):
         assert torch.equal(a, b)
     processor.tokenizer.padding_side = "left"  # decoding appends on the right

@@ -69,19 +69,19 @@ def test_only_late_parts_trained_hand_count():
     assert flops.total == 42_304
 
 
-def test_shape_and_trainable_read_off_the_tiny_model(tiny):
-    model, _ = tiny
+def test_shape_and_trainable_read_off_the_tiny_model(tiny_family):
+    model, _ = tiny_family
     shape = ModelShape.from_config(model.config)
     layer = model.model.language_model.layers[0]
     weights = {n: getattr(layer.self_attn if n[0] in "qkvo" else layer.mlp, n).weight.numel()
                for n in MATMULS}
     assert weights == shape.text.matmul_params()
     visual = model.model.visual
-    block = visual.blocks[0]
-    assert shape.vision.block_params == sum(m.weight.numel() for m in block.modules()
-                                            if isinstance(m, torch.nn.Linear))
-    assert shape.vision.merger_params == sum(m.weight.numel() for m in visual.merger.modules()
-                                             if isinstance(m, torch.nn.Linear))
+    linear = lambda m: sum(x.weight.numel() for x in m.modules() if isinstance(x, torch.nn.Linear))  # noqa: E731
+    assert all(shape.vision.block_params == linear(block) for block in visual.blocks)
+    mergers = [visual.merger, *getattr(visual, "deepstack_merger_list", [])]
+    assert shape.vision.mergers == len(mergers)
+    assert all(shape.vision.merger_params == linear(m) for m in mergers)
     assert shape.vision.patch_inputs * shape.vision.dim == visual.patch_embed.proj.weight.numel()
     assert shape.text.vocab * shape.text.hidden == model.lm_head.weight.numel()
 
@@ -112,6 +112,16 @@ def test_no_peak_and_no_mfu_on_cpu():
     assert metrics == {"train/tokens_per_s_per_device": 300.0, "train/tflops_per_device": 1.0,
                        "train/packing_efficiency": 0.75}
     assert throughput_metrics(2e12, 600, 800, 2.0, 4e12)["train/mfu"] == 0.25
+
+
+def test_windowed_attention_pairs_by_hand():
+    """Qwen2.5-VL: windowed blocks attend within 8x8-patch windows; a 10x12 frame has windows of
+    8 and 2 rows by 8 and 4 columns; the full-attention block sees all 120 patches."""
+    shape = VisionShape(dim=4, depth=3, mlp_hidden=8, patch_inputs=24, merge=2, out_dim=8,
+                        window=8, full_blocks=1)
+    windows = (8 * 8) ** 2 + (8 * 4) ** 2 + (2 * 8) ** 2 + (2 * 4) ** 2
+    assert shape.attention_pairs((1, 10, 12)) == 120 ** 2 + 2 * windows
+    assert VISION.attention_pairs((2, 4, 4)) == 2 * 16 ** 2  # depth 1, no windows
 
 
 def test_meter_counts_real_tokens_and_labelled_positions(tiny):

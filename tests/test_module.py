@@ -15,7 +15,7 @@ from tvc_lightning.data.dvr import DVRTransform
 from tvc_lightning.data.schema import SampleRecord
 from tvc_lightning.data.tokenize import SampleEncoder
 from tvc_lightning.module import TVCModule
-from tvc_lightning.vision import encode_images, merged_grids, pool_visual_tokens, pooled_grid
+from tvc_lightning.vision import merged_grids, pool_visual_tokens, pooled_grid
 
 RESPONSE = "Two shapes. Hmm, let me verify the colours. Both are red. The answer is \\boxed{2}."
 
@@ -44,28 +44,49 @@ def _hf_rope_index(model, batch):
     return positions
 
 
-def test_positions_equal_hf_get_rope_index(tiny):
-    model, processor = tiny
+def test_positions_equal_hf_get_rope_index(tiny_family):
+    model, processor = tiny_family
     batch = _batch(processor)
     hf = _hf_rope_index(model, batch)
     mask = batch["attention_mask"].bool()
     assert torch.equal(batch["position_ids"][:, mask], hf[:, mask])
 
 
-def test_logits_equal_hf_forward(tiny):
-    model, processor = tiny
+def _hf_logits(model, batch: dict) -> torch.Tensor:
+    """HF's own forward of ``batch`` (its tower, placement, positions; Qwen3-VL: DeepStack)."""
+    hf_inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        hf_inputs["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).int()
+    model.model.rope_deltas = None
+    return model(**hf_inputs).logits
+
+
+def test_logits_equal_hf_forward(tiny_family):
+    model, processor = tiny_family
     batch = _batch(processor)
     module = _module(model)
     with torch.no_grad():
         ours = module(batch)
-        hf_inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values",
-                                           "image_grid_thw")}
-        if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
-            hf_inputs["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).int()
-        model.model.rope_deltas = None
-        theirs = model(**hf_inputs).logits
+        theirs = _hf_logits(model, batch)
     mask = batch["attention_mask"].bool()
     torch.testing.assert_close(ours[mask], theirs[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_unpooled_copy_equals_hf_forward_of_the_image_shown_twice(tiny_family):
+    """A DVR copy with pool kernel 1 is the image shown again: our forward (one tower pass, the
+    copy's features and positions derived from the original's) equals HF recomputing everything
+    for a sequence that simply holds the image twice (two tower passes, HF's positions)."""
+    model, processor = tiny_family
+    dvr = DVRTransform(p=1.0, max_injections=1, pool_kernel=1)
+    batch = _batch(processor, dvr=dvr, sizes=((150, 120),))
+    assert batch["visual_segments"].tolist() == [[0, 1], [0, 1]]
+    twice = dict(batch, pixel_values=batch["pixel_values"].repeat(2, 1),
+                 image_grid_thw=batch["image_grid_thw"].repeat(2, 1))
+    with torch.no_grad():
+        ours = _module(model)(batch)
+        theirs = _hf_logits(model, twice)
+    assert torch.equal(batch["position_ids"], _hf_rope_index(model, twice))
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
 
 
 def test_pooled_copy_positions_follow_its_grid(tiny):
@@ -87,23 +108,36 @@ def test_pooled_copy_positions_follow_its_grid(tiny):
 
 
 @pytest.mark.parametrize("kernel", [2, 4, 3])
-def test_reinjected_features_are_avg_pool_of_original(tiny, kernel):
-    model, processor = tiny
+def test_reinjected_features_are_avg_pool_of_original(tiny_family, kernel):
+    """The copy's features are the tower's, average-pooled on the merged grid: the embedded
+    tokens and (Qwen3-VL) every DeepStack level handed to the decoder."""
+    model, processor = tiny_family
     dvr = DVRTransform(p=1.0, max_injections=1, pool_kernel=kernel)
     batch = _batch(processor, dvr=dvr, sizes=((224, 168),))  # 8x6 merged tokens
     module = _module(model)
+    family = module.family
     with torch.no_grad():
-        embeds = module.input_embeddings(batch)
-        visual = model.model.visual
-        (original,) = encode_images(visual, batch["pixel_values"], batch["image_grid_thw"])
-    (h, w), = merged_grids(batch["image_grid_thw"], visual.spatial_merge_size)
+        embeds, extra = module.language_inputs(batch)
+        tower = family.vision_tower(model)(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+    levels = [tower.pooler_output, *getattr(tower, "deepstack_features", [])]
+    assert len(levels) == {"qwen3_vl": 2}.get(model.config.model_type, 1)
+    (h, w), = merged_grids(batch["image_grid_thw"], family.merge_size(model))
+    image_pos = torch.nonzero(batch["input_ids"][0] == model.config.image_token_id).squeeze(1)
+    deepstack = extra.get("deepstack_visual_embeds", [])
+    assert len(deepstack) == len(levels) - 1
+    for level, placed in zip(levels, [embeds[0, image_pos], *deepstack], strict=True):
+        _assert_original_then_pooled(level, placed, h, w, kernel)
+
+
+def _assert_original_then_pooled(original: torch.Tensor, placed: torch.Tensor, h: int, w: int,
+                                 kernel: int) -> None:
     grid = original.reshape(h, w, -1).permute(2, 0, 1)
     expected = F.avg_pool2d(grid, kernel, stride=kernel, ceil_mode=True).flatten(1).T
     ph, pw = pooled_grid(h, w, kernel)
     assert expected.shape[0] == ph * pw
-    image_pos = torch.nonzero(batch["input_ids"][0] == model.config.image_token_id).squeeze(1)
-    torch.testing.assert_close(embeds[0, image_pos[: h * w]], original)
-    torch.testing.assert_close(embeds[0, image_pos[h * w:]], expected)
+    assert placed.shape[0] == h * w + ph * pw
+    torch.testing.assert_close(placed[: h * w], original)
+    torch.testing.assert_close(placed[h * w:], expected)
     torch.testing.assert_close(pool_visual_tokens(original, h, w, kernel), expected)
 
 

@@ -48,12 +48,15 @@ def _hf_greedy(model, processor, question, images, max_new_tokens):
     text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
     inputs = processor(text=[text], images=images, return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    # The decoder never emits a placeholder (a sampled one would claim features that do not
+    # exist): HF's greedy choice gets the same two tokens suppressed.
+    never = [model.config.image_token_id, model.config.video_token_id]
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=never)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-def test_triggers_off_equals_hf_generate_greedy(tiny):
-    model, processor = tiny
+def test_triggers_off_equals_hf_generate_greedy(tiny_family):
+    model, processor = tiny_family
     config = PVCConfig(max_calibrations=0, max_new_tokens=30)
     results = pvc_generate(model, processor, QUESTIONS, _images(), config)
     for question, images, result in zip(QUESTIONS, _images(), results, strict=True):
@@ -63,8 +66,8 @@ def test_triggers_off_equals_hf_generate_greedy(tiny):
 
 
 @pytest.mark.parametrize("reset", ["visual", "none"])
-def test_kv_preserving_equals_naive_recompute(tiny, reset):
-    model, processor = tiny
+def test_kv_preserving_equals_naive_recompute(tiny_family, reset):
+    model, processor = tiny_family
     config = PVCConfig(reset=reset, max_new_tokens=40, min_new_tokens=40)
     kv = pvc_generate(model, processor, QUESTIONS, _images(), config,
                       triggers=ScriptedTriggers(SCRIPT))
@@ -96,10 +99,10 @@ def test_batched_equals_one_at_a_time(tiny):
         assert single.calibrations == batched[i].calibrations
 
 
-def test_calibration_chunk_layout_and_training_forward_agree(tiny):
+def test_calibration_chunk_layout_and_training_forward_agree(tiny_family):
     """The final sequence, laid out as DVR training data and run through TVCModule's forward,
     predicts every generated token greedily (reset none: nothing is hidden)."""
-    model, processor = tiny
+    model, processor = tiny_family
     tok = processor.tokenizer
     (images,) = [_images()[2]]
     config = PVCConfig(reset="none", pool_kernel=2, max_new_tokens=40, min_new_tokens=40)
@@ -130,9 +133,10 @@ def test_calibration_chunk_layout_and_training_forward_agree(tiny):
     with torch.no_grad():
         logits = module(batch)[0]
     logits[:, tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])] = float("-inf")
+    logits[:, [model.config.image_token_id, model.config.video_token_id]] = float("-inf")
     predicted = logits.argmax(-1)
     # Tokens the model chose (not injected) are each the argmax at the previous position
-    # (end-of-turn suppressed, as min_new_tokens did while decoding).
+    # (end-of-turn suppressed, as min_new_tokens did while decoding; placeholders, as always).
     injected = {i for c in result.calibrations for i in range(c.index, c.index + c.length)}
     chosen = [i for i in range(len(result.token_ids)) if i not in injected]
     offset = len(prompt_ids)
@@ -197,8 +201,8 @@ def test_trigger_detector_on_text(tiny):
 
 
 @pytest.mark.parametrize("reset", ["visual", "none"])
-def test_attention_shares_follow_calibrations(tiny, reset):
-    model, processor = tiny
+def test_attention_shares_follow_calibrations(tiny_family, reset):
+    model, processor = tiny_family
     config = PVCConfig(reset=reset, max_new_tokens=30, min_new_tokens=30)
     measured = pvc_generate(model, processor, QUESTIONS, _images(), config,
                             triggers=ScriptedTriggers(SCRIPT), measure_attention=True)
@@ -283,7 +287,7 @@ def _full_forward_greedy(model, processor, question, images, n_tokens, hide_at, 
     4-D mask hiding the image pads from the query that predicts answer token ``hide_at`` on;
     returns the greedy choice at each answer position (end-of-turn and placeholders excluded,
     as ``min_new_tokens`` and the decoder do)."""
-    from tvc_lightning.vision import encode_images
+    from tvc_lightning.families import Qwen2VL
 
     tok = processor.tokenizer
     vision = processor.image_processor(images=images, return_tensors="pt")
@@ -292,7 +296,7 @@ def _full_forward_greedy(model, processor, question, images, n_tokens, hide_at, 
                  add_special_tokens=False)["input_ids"]
     ids = torch.tensor(prompt + tokens[:n_tokens - 1])
     pad = model.config.image_token_id
-    features = encode_images(model.model.visual, vision["pixel_values"], vision["image_grid_thw"])
+    features = Qwen2VL.encode_images(model, vision["pixel_values"], vision["image_grid_thw"])
     embeds = model.get_input_embeddings()(ids)[None]
     embeds = embeds.masked_scatter((ids == pad)[None, :, None], torch.cat(features))
     n = len(ids)

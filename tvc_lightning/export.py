@@ -3,7 +3,8 @@
 The directory holds safetensors weights, ``config.json``, the ``generation_config.json`` of the
 checkpoint the run started from (its stop tokens and sampling defaults, copied as they are) and
 its processor (tokenizer, chat template, image processor), so
-``Qwen2VLForConditionalGeneration.from_pretrained(DIR)``, ``AutoProcessor.from_pretrained(DIR)``
+the family's ``...ForConditionalGeneration.from_pretrained(DIR)`` (e.g.
+``Qwen2_5_VLForConditionalGeneration``), ``AutoProcessor.from_pretrained(DIR)``
 and vLLM load it directly.
 
 ``CKPT`` is a Lightning ``.ckpt`` file, a sharded FSDP2 checkpoint directory (torch.distributed.
@@ -83,7 +84,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
     ``base_model`` is the checkpoint directory the run started from (its config and processor
     are reused); by default the ``model_name_or_path`` stored in the checkpoint's hyperparameters.
     """
-    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+    from transformers import AutoConfig
+
+    from tvc_lightning.families import family_of
 
     target = resolve_dtype(dtype)
     ckpt = _lightning_checkpoint(Path(checkpoint), target)
@@ -102,7 +105,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
     base = resolve_checkpoint_path(base, "--base-model (or the checkpoint's model_name_or_path)")
     config = AutoConfig.from_pretrained(base)
     with torch.device("meta"):
-        model = Qwen2VLForConditionalGeneration(config)
+        model = family_of(config).model_class()(config)
     model.load_state_dict(state, strict=True, assign=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

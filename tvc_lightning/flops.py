@@ -1,4 +1,4 @@
-"""Model FLOPs of a Qwen2-VL training step, and model FLOPs utilization (MFU) against a device's peak.
+"""Model FLOPs of a Qwen VL training step, and model FLOPs utilization (MFU) against a device's peak.
 
 Counted the usual way (a multiply-add is 2 FLOPs), per step, from the batch's real (non-pad)
 tokens only, so padding and packing waste show up as lower utilization:
@@ -11,7 +11,7 @@ tokens only, so padding and packing waste show up as lower utilization:
 - attention scores and values cost ``4 x heads x head_dim`` per attended (query, key) pair,
   forward; backward twice that. Language-model attention is causal within each sample
   (``n (n + 1) / 2`` pairs for ``n`` tokens); the vision tower attends fully within each image
-  frame (``(h w)^2`` pairs per frame);
+  frame (``(h w)^2`` pairs per frame), or within each window in Qwen2.5-VL's windowed blocks;
 - the output head runs only at labelled positions (the chunked loss never builds the other logits);
 - embeddings (a lookup), norms, activations, rotary and biases are left out (well under 1%).
 
@@ -80,7 +80,13 @@ class TextShape:
 
 @dataclass(frozen=True)
 class VisionShape:
-    """Qwen2-VL vision tower dimensions (ViT blocks over patches, a 2-layer merger MLP)."""
+    """Vision tower dimensions: ViT blocks over patches, 2-layer merger MLP(s).
+
+    ``mlp_matrices``: 2 for a GELU MLP (Qwen2-VL, Qwen3-VL), 3 for SwiGLU (Qwen2.5-VL).
+    ``mergers``: the main merger plus Qwen3-VL's DeepStack mergers. ``window``: side of the
+    attention window in patches for windowed blocks (Qwen2.5-VL; 0: every block attends over the
+    whole frame), ``full_blocks`` of the ``depth`` blocks attend over the whole frame anyway.
+    """
 
     dim: int
     depth: int
@@ -88,15 +94,31 @@ class VisionShape:
     patch_inputs: int  # channels x temporal patch x patch x patch: one patch's input values
     merge: int
     out_dim: int
+    mlp_matrices: int = 2
+    mergers: int = 1
+    window: int = 0
+    full_blocks: int | None = None
 
     @property
     def block_params(self) -> int:
-        return 4 * self.dim * self.dim + 2 * self.dim * self.mlp_hidden  # qkv, proj, fc1, fc2
+        return 4 * self.dim * self.dim + self.mlp_matrices * self.dim * self.mlp_hidden
 
     @property
     def merger_params(self) -> int:
         wide = self.dim * self.merge * self.merge
         return wide * wide + wide * self.out_dim
+
+    def attention_pairs(self, grid: Sequence[int]) -> int:
+        """Attended (query, key) pairs of one ``(t, h, w)`` patch grid, summed over the blocks."""
+        t, h, w = grid
+        full = t * (h * w) ** 2
+        if not self.window:
+            return self.depth * full
+        # Windows tile the frame from its corner; the last row/column of windows may be partial.
+        sides = lambda n: [min(self.window, n - i) for i in range(0, n, self.window)]  # noqa: E731
+        windowed = t * sum(r * r for r in sides(h)) * sum(c * c for c in sides(w))
+        n_full = self.depth if self.full_blocks is None else self.full_blocks
+        return n_full * full + (self.depth - n_full) * windowed
 
 
 @dataclass(frozen=True)
@@ -106,18 +128,17 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
-        """From a ``Qwen2VLConfig`` (transformers 4.x flat or 5.x nested ``text_config``)."""
+        """From a supported family's config (transformers 5.x, nested ``text_config``)."""
+        from tvc_lightning.families import family_of
+
         text = getattr(config, "text_config", None) or config
         heads = int(text.num_attention_heads)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        v = config.vision_config
         return cls(
             TextShape(int(text.hidden_size), int(text.num_hidden_layers), heads,
                       int(text.num_key_value_heads), int(head_dim), int(text.intermediate_size),
                       int(text.vocab_size)),
-            VisionShape(int(v.embed_dim), int(v.depth), int(v.embed_dim * v.mlp_ratio),
-                        int(v.in_channels * v.temporal_patch_size * v.patch_size ** 2),
-                        int(v.spatial_merge_size), int(v.hidden_size)),
+            family_of(config).vision_shape(config.vision_config),
         )
 
 
@@ -133,15 +154,18 @@ class Trainable:
 
     @classmethod
     def from_model(cls, model: Any) -> Trainable:
-        """Read ``requires_grad`` off a ``Qwen2VLForConditionalGeneration``."""
-        inner = model.model
+        """Read ``requires_grad`` off a model of a supported family."""
+        from tvc_lightning.families import family_of
+
+        family = family_of(model)
+        language = family.language_model(model)
         trains = lambda m: any(p.requires_grad for p in m.parameters())  # noqa: E731
         layers = tuple(
             {name: trains(getattr(layer.self_attn if name[0] in "qkvo" else layer.mlp, name))
              for name in MATMULS}
-            for layer in inner.language_model.layers
+            for layer in language.layers
         )
-        return cls(trains(inner.visual), trains(inner.language_model.embed_tokens), layers,
+        return cls(trains(family.vision_tower(model)), trains(language.embed_tokens), layers,
                    trains(model.lm_head))
 
 
@@ -168,12 +192,12 @@ def step_flops(shape: ModelShape, trainable: Trainable, sample_lengths: Sequence
     out = StepFlops()
     v = shape.vision
     patches = sum(t * h * w for t, h, w in image_grids)
-    frame_pairs = sum(t * (h * w) ** 2 for t, h, w in image_grids)
+    pairs = sum(v.attention_pairs(g) for g in image_grids)
     linear, embed_factor, attn = (6, 4, 3) if trainable.vision else (2, 2, 1)
     out.vision = (embed_factor * v.patch_inputs * v.dim * patches
                   + linear * v.depth * v.block_params * patches
-                  + linear * v.merger_params * patches // (v.merge * v.merge)
-                  + attn * v.depth * 4 * v.dim * frame_pairs)
+                  + linear * v.mergers * v.merger_params * patches // (v.merge * v.merge)
+                  + attn * 4 * v.dim * pairs)
 
     t = shape.text
     tokens = sum(sample_lengths)

@@ -37,11 +37,13 @@ def mixed_precision_policy(precision: str) -> Any:
 
 def build_on_meta(path: str | Path, dtype: torch.dtype, attn_implementation: str) -> Any:
     """The model of checkpoint ``path`` with every parameter on the meta device (no memory)."""
-    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+    from transformers import AutoConfig
+
+    from tvc_lightning.families import family_of
 
     config = AutoConfig.from_pretrained(resolve_checkpoint_path(path))
     with torch.device("meta"):
-        return Qwen2VLForConditionalGeneration._from_config(
+        return family_of(config).model_class()._from_config(
             config, dtype=dtype, attn_implementation=attn_implementation
         )
 
@@ -53,7 +55,10 @@ def shard(model: Any, mesh: Any, policy: Any) -> None:
     def wrap(module: Any) -> None:
         fully_shard(module, mesh=mesh, mp_policy=policy)
 
-    visual, language = model.model.visual, model.model.language_model
+    from tvc_lightning.families import family_of
+
+    family = family_of(model)
+    visual, language = family.vision_tower(model), family.language_model(model)
     for block in visual.blocks:
         wrap(block)
     wrap(visual)
@@ -76,14 +81,15 @@ def load_sharded(model: Any, path: str | Path, device: torch.device) -> None:
     """
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from transformers import Qwen2VLForConditionalGeneration
+
+    from tvc_lightning.families import family_of
 
     rank = dist.get_rank()
     path = resolve_checkpoint_path(path)
     full, bad = None, None
     if rank == 0:
         # The stored dtype ("auto"): fp32 shards are filled by copying, so no fp32 copy is made.
-        full = Qwen2VLForConditionalGeneration.from_pretrained(
+        full = family_of(model).model_class().from_pretrained(
             path, dtype="auto", attn_implementation=model.config._attn_implementation
         )
         bad = nonfinite_parameter(full)

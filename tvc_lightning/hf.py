@@ -1,4 +1,4 @@
-"""Loading Qwen2-VL checkpoints (model and processor) from a local directory or a hub id.
+"""Loading Qwen VL checkpoints (model and processor) from a local directory or a hub id.
 
 The tiny random checkpoint of :mod:`tvc_lightning.testing` and ``Qwen/Qwen2-VL-72B-Instruct`` go
 through the same two functions here.
@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+from transformers import AutoTokenizer, Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
+
+from tvc_lightning.families import ModelFamily, Qwen2VL, family_at
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SETTING = "model.model_name_or_path"
@@ -22,34 +24,37 @@ _SHARED_VIDEO_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "image_
                       "do_convert_rgb", "do_normalize", "do_rescale", "rescale_factor")
 
 
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """HF's ``Qwen2VLProcessor`` without its video processor.
+class ImageOnlyQwenVLProcessor(Qwen2VLProcessor):
+    """HF's ``Qwen2VLProcessor`` without its video processor, for every supported family.
 
-    Recent transformers cannot build Qwen2-VL's video processor without torchvision, and that
+    Recent transformers cannot build a Qwen VL video processor without torchvision, and that
     makes the whole processor unconstructible on a CPU-only install. TVC uses images only, so this
     subclass drops the video part and keeps HF's own image/text logic (``__call__``, chat
-    template, placeholder expansion) unchanged.
+    template, placeholder expansion), which the three families share for images. ``family``
+    names the classes it is saved as.
     """
 
     def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None,
-                 **kwargs: Any) -> None:
+                 family: type[ModelFamily] = Qwen2VL, **kwargs: Any) -> None:
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
         self.video_processor = None
+        self.family = family
         self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
         self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
 
     def to_dict(self) -> dict[str, Any]:
-        # Saved as the standard class, with the video processor entry HF's Qwen2VLProcessor reads
-        # (Qwen2-VL's video processor, sharing the image side's patching), so a saved directory
+        # Saved as the family's standard class, with the video processor entry it reads (the
+        # family's video processor, sharing the image side's patching), so a saved directory
         # loads with AutoProcessor and vLLM wherever torchvision is installed. (Without it HF
-        # cannot build a Qwen2VLProcessor at all: load_processor reads the directory then.)
+        # cannot build such a processor at all: load_processor reads the directory then.)
         saved = super().to_dict()
+        saved.pop("family", None)
         image = saved.get("image_processor", {})
-        video = {"video_processor_type": "Qwen2VLVideoProcessor",
+        video = {"video_processor_type": self.family.video_processor_type,
                  **{k: image[k] for k in _SHARED_VIDEO_KEYS if k in image}}
-        return {**saved, "video_processor": video, "processor_class": "Qwen2VLProcessor"}
+        return {**saved, "video_processor": video, "processor_class": self.family.processor_class_name}
 
 
 def _offline() -> bool:
@@ -105,8 +110,8 @@ def check_checkpoint_path(path: str | Path, setting: str = SETTING) -> None:
 
 
 def load_processor(path: str | Path, min_pixels: int | None = None,
-                   max_pixels: int | None = None) -> ImageOnlyQwen2VLProcessor:
-    """Tokenizer + image processor of a Qwen2-VL checkpoint; pixel limits override the saved ones."""
+                   max_pixels: int | None = None) -> ImageOnlyQwenVLProcessor:
+    """Tokenizer + image processor of a Qwen VL checkpoint; pixel limits override the saved ones."""
     from transformers import AutoImageProcessor
 
     path = resolve_checkpoint_path(path)
@@ -118,7 +123,8 @@ def load_processor(path: str | Path, min_pixels: int | None = None,
         kwargs["max_pixels"] = max_pixels
     image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
     chat_template = getattr(tokenizer, "chat_template", None)
-    return ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=chat_template)
+    return ImageOnlyQwenVLProcessor(image_processor, tokenizer, chat_template=chat_template,
+                                     family=family_at(path))
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -133,9 +139,10 @@ _zero3_config: Any = None
 
 
 def load_model(path: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa",
-               deepspeed_config: dict[str, Any] | None = None) -> Qwen2VLForConditionalGeneration:
-    """``Qwen2VLForConditionalGeneration.from_pretrained`` with a clear error for a bad path, and
-    non-finite weights refused (naming the file and tensor): they would train with NaN losses.
+               deepspeed_config: dict[str, Any] | None = None) -> Any:
+    """The family's ``...ForConditionalGeneration.from_pretrained`` (family from ``config.json``)
+    with a clear error for a bad path or an unsupported family, and non-finite weights refused
+    (naming the file and tensor): they would train with NaN losses.
 
     With a ZeRO-3 ``deepspeed_config`` the weights are materialized already partitioned across
     ranks (no full copy per rank): transformers' DeepSpeed integration is kept alive for the
@@ -143,6 +150,7 @@ def load_model(path: str | Path, dtype: str = "float32", attn_implementation: st
     """
     global _zero3_config
     path = resolve_checkpoint_path(path)
+    family = family_at(path)
     stage = ((deepspeed_config or {}).get("zero_optimization") or {}).get("stage")
     if stage == 3:
         try:
@@ -150,7 +158,7 @@ def load_model(path: str | Path, dtype: str = "float32", attn_implementation: st
         except ImportError as e:  # pragma: no cover - depends on the install
             raise ImportError("ZeRO-3 loading needs `pip install deepspeed accelerate`") from e
         _zero3_config = HfDeepSpeedConfig(deepspeed_config)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
+    model = family.model_class().from_pretrained(
         path, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
     )
     bad = nonfinite_parameter(model)

@@ -1,4 +1,4 @@
-"""TVCModule: the LightningModule that trains Qwen2-VL with DVR samples."""
+"""TVCModule: the LightningModule that trains a Qwen VL model with DVR samples."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from tvc_lightning.data.packing import batch_samples, language_model_inputs
 from tvc_lightning.data.resume import WINDOW_LABELS_KEY
 from tvc_lightning.data.tokenize import IGNORE_INDEX
+from tvc_lightning.families import ModelFamily, family_of
 from tvc_lightning.flops import ThroughputMeter, peak_flops
 from tvc_lightning.hf import load_model, resolve_dtype
 from tvc_lightning.loss import calls_head_once, chunked_cross_entropy
 from tvc_lightning.pvc import PVCConfig
 from tvc_lightning.schedule import cosine_with_warmup
-from tvc_lightning.vision import encode_images, merged_grids, segment_features
+from tvc_lightning.vision import merged_grids, segment_features
 
 # Trainer precision -> dtype the weights are loaded in. Mixed precision keeps fp32 weights (autocast
 # or DeepSpeed/FSDP do the casting); "-true" precisions load directly in the low-precision dtype.
@@ -26,7 +27,8 @@ _LOAD_DTYPE = {"bf16-true": "bfloat16", "16-true": "float16"}
 
 
 class TVCModule(L.LightningModule):
-    """Qwen2-VL (HF transformers) fine-tuned on long-CoT samples with DVR re-injected images.
+    """A Qwen VL model (HF transformers: Qwen2-VL, Qwen2.5-VL, Qwen3-VL) fine-tuned on long-CoT
+    samples with DVR re-injected images.
 
     The vision tower runs once per distinct image; re-injected copies reuse its tokens, average-
     pooled on the merged grid, and get M-RoPE positions on their pooled grid (computed by the data
@@ -34,10 +36,11 @@ class TVCModule(L.LightningModule):
     fp32 logits of a whole sequence never exist.
 
     Args:
-        model_name_or_path: Local HF checkpoint directory (or hub id) of a Qwen2-VL model.
+        model_name_or_path: Local HF checkpoint directory (or hub id) of a Qwen2-VL, Qwen2.5-VL or
+            Qwen3-VL model; the family is read from its ``config.json``.
         freeze: Parameter-name prefixes to freeze; ``visual`` freezes the whole vision tower with
-            its merger, as TVC did. Names are those of ``Qwen2VLForConditionalGeneration``, with or
-            without the leading ``model.``.
+            its merger(s), as TVC did (the default). Names are those of the HF model (e.g.
+            ``Qwen2VLForConditionalGeneration``), with or without the leading ``model.``.
         lr: Peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -80,7 +83,7 @@ class TVCModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["generation"])
         self.generation = generation if generation is not None else PVCConfig()
-        self.freeze_prefixes = ["visual"] if freeze is None else list(freeze)
+        self.freeze_prefixes = None if freeze is None else list(freeze)
         self.model: Any = None
         self._meter = ThroughputMeter()
         if max_nonfinite_losses < 0:
@@ -151,7 +154,8 @@ class TVCModule(L.LightningModule):
 
     def _apply_freeze(self) -> None:
         names = [n for n, _ in self.model.named_parameters()]
-        for prefix in self.freeze_prefixes:
+        prefixes = self.freeze_prefixes
+        for prefix in self.family.vision_prefixes if prefixes is None else prefixes:
             candidates = (prefix, f"model.{prefix}")
             hits = [n for n in names if any(n == c or n.startswith(c + ".") for c in candidates)]
             if not hits:
@@ -161,39 +165,45 @@ class TVCModule(L.LightningModule):
                     param.requires_grad_(False)
 
     @property
+    def family(self) -> type[ModelFamily]:
+        """The model's family adapter (from its config's ``model_type``)."""
+        return family_of(self.model.config)
+
+    @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
 
     # -- forward ---------------------------------------------------------------------------------
 
+    def language_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Token embeddings with every visual segment's features scattered into its placeholders,
+        and the extra language-model arguments the family derives from them (Qwen3-VL: DeepStack)."""
+        family, features = self.family, None
+        pixel_values = batch.get("pixel_values")
+        if pixel_values is not None and pixel_values.numel() > 0:
+            visual = family.vision_tower(self.model)
+            frozen = not any(p.requires_grad for p in visual.parameters())
+            # A frozen tower needs no activations kept for backward.
+            with torch.no_grad() if frozen else contextlib.nullcontext():
+                images = family.encode_images(self.model, pixel_values, batch["image_grid_thw"])
+            grids = merged_grids(batch["image_grid_thw"], family.merge_size(self.model))
+            features = segment_features(images, grids, batch["visual_segments"])
+        try:
+            return family.embed(self.model, batch["input_ids"], features)
+        except ValueError as e:
+            raise ValueError(f"batch: {e} (its visual segments do not match its tokens)") from None
+
     def input_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Token embeddings with every visual segment's features scattered into its placeholders."""
-        input_ids = batch["input_ids"]
-        embeds = self.model.get_input_embeddings()(input_ids)
-        pixel_values = batch.get("pixel_values")
-        if pixel_values is None or pixel_values.numel() == 0:
-            return embeds
-        visual = self.model.model.visual
-        frozen = not any(p.requires_grad for p in visual.parameters())
-        # A frozen tower needs no activations kept for backward.
-        with torch.no_grad() if frozen else contextlib.nullcontext():
-            images = encode_images(visual, pixel_values, batch["image_grid_thw"])
-        grids = merged_grids(batch["image_grid_thw"], visual.spatial_merge_size)
-        features = segment_features(images, grids, batch["visual_segments"]).to(embeds.dtype)
-        mask = input_ids == self.image_token_id
-        if int(mask.sum()) != features.shape[0]:
-            raise ValueError(
-                f"batch has {int(mask.sum())} image placeholder tokens but its visual segments "
-                f"give {features.shape[0]} features"
-            )
-        return embeds.masked_scatter(mask.unsqueeze(-1), features)
+        return self.language_inputs(batch)[0]
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final-norm hidden states ``(B, L, D)`` of the language model (packed batches: see
         :mod:`tvc_lightning.data.packing`)."""
-        language_model = self.model.model.language_model
+        language_model = self.family.language_model(self.model)
+        embeds, visual_kwargs = self.language_inputs(batch)
         out = language_model(
-            inputs_embeds=self.input_embeddings(batch), use_cache=False,
+            inputs_embeds=embeds, use_cache=False, **visual_kwargs,
             **language_model_inputs(batch, language_model.config._attn_implementation),
         )
         return out.last_hidden_state

@@ -1,11 +1,13 @@
-"""Tiny random Qwen2-VL models built offline, for tests, the CPU demo and benchmarks.
+"""Tiny random Qwen VL models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) built offline, for tests, the CPU
+demo and benchmarks.
 
 Nothing here downloads anything. The tokenizer is a byte-level BPE trained in memory on a fixed
-corpus, with Qwen2-VL's special tokens and chat template; the image processor is HF's real
-``Qwen2VLImageProcessor`` with small pixel limits; the model is a real
-``Qwen2VLForConditionalGeneration`` (vision tower with the 2x2 merger, M-RoPE language model) with
-random weights. ``save_tiny_qwen2vl(dir)`` writes all three as a local HF checkpoint directory, which
-the recipes then load exactly as they would load ``Qwen/Qwen2-VL-7B-Instruct`` from disk.
+corpus, with the Qwen VL special tokens and chat template; the image processor is HF's real
+``Qwen2VLImageProcessor`` with small pixel limits and the family's patching; the model is a real
+HF model of the family (e.g. ``Qwen2VLForConditionalGeneration``: vision tower with the 2x2
+merger, M-RoPE language model) with random weights. ``save_tiny(dir, family)`` writes all three as
+a local HF checkpoint directory, which the recipes then load exactly as they would load
+``Qwen/Qwen2-VL-7B-Instruct`` from disk.
 """
 
 from __future__ import annotations
@@ -151,19 +153,29 @@ def build_tiny_tokenizer(vocab_size: int = 640, corpus: list[str] | None = None)
     return fast
 
 
-def build_tiny_processor(min_pixels: int = 56 * 56, max_pixels: int = 224 * 224) -> Any:
-    """HF's real Qwen2-VL processor (image part) around the tiny tokenizer, small pixel limits."""
+def build_tiny_processor(min_pixels: int = 56 * 56, max_pixels: int = 224 * 224,
+                         family: str = "qwen2_vl") -> Any:
+    """HF's real Qwen VL image processor around the tiny tokenizer, small pixel limits, with the
+    patching and normalization of ``family`` (Qwen3-VL: 16-pixel patches)."""
     from transformers import Qwen2VLImageProcessorPil
 
-    from tvc_lightning.hf import ImageOnlyQwen2VLProcessor
+    from tvc_lightning.families import family_named
+    from tvc_lightning.hf import ImageOnlyQwenVLProcessor
 
+    adapter = family_named(family, "family")
+    settings = dict(adapter.image_processor_settings)
+    # Pixel limits are in units of a merged token's area: keep the same token counts per family.
+    scale = (settings.get("patch_size", 14) / 14) ** 2
     tokenizer = build_tiny_tokenizer()
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-    return ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=int(min_pixels * scale),
+                                               max_pixels=int(max_pixels * scale), **settings)
+    return ImageOnlyQwenVLProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE,
+                                     family=adapter)
 
 
-def tiny_qwen2vl_config(
+def tiny_config(
     tokenizer: Any,
+    family: str = "qwen2_vl",
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
@@ -175,102 +187,83 @@ def tiny_qwen2vl_config(
     vision_heads: int = 2,
     tie_word_embeddings: bool = False,
 ) -> Any:
-    """A small Qwen2-VL config (2 layers by default) whose special-token ids match ``tokenizer``.
+    """A small config of ``family`` (2 layers by default) whose special-token ids match ``tokenizer``.
 
     Sizes are arguments so benchmarks can build real-shaped random models (e.g. Qwen2-VL-2B:
     hidden 1536, 28 layers, 12/2 heads, intermediate 8960, vocab 151936, vision 32 x 1280).
     """
-    from transformers import Qwen2VLConfig
+    from tvc_lightning.families import family_named
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    hidden, heads = hidden_size, num_heads
-    head_dim = hidden // heads
-    # M-RoPE splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
-    mrope = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]
-    rope = {"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0}
-    text = {
-        "vocab_size": max(vocab_size or 0, len(tokenizer)),
-        "hidden_size": hidden,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": num_kv_heads,
-        "max_position_embeddings": 32768,
-        "rope_parameters": rope,
-        "rope_scaling": {"type": "mrope", **rope},
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
-    vision = {
-        "depth": vision_depth,
-        "embed_dim": vision_dim,
-        "hidden_size": hidden,
-        "mlp_ratio": 2,
-        "num_heads": vision_heads,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-    }
-    config = Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    return config
+    return family_named(family, "family").tiny_config(
+        ids, max(vocab_size or 0, len(tokenizer)), hidden_size, num_layers, num_heads,
+        num_kv_heads, intermediate_size, vision_depth, vision_dim, vision_heads,
+        tie_word_embeddings)
 
 
-def tiny_qwen2vl(seed: int = 0, attn_implementation: str = "sdpa", **sizes: Any) -> tuple[Any, Any]:
-    """Build a tiny random ``Qwen2VLForConditionalGeneration`` (fp32) and its processor, offline.
+def tiny_model(family: str = "qwen2_vl", seed: int = 0, attn_implementation: str = "sdpa",
+               **sizes: Any) -> tuple[Any, Any]:
+    """Build a tiny random model of ``family`` (fp32, eval mode) and its processor, offline.
 
-    Returns ``(model, processor)``; same seed, same weights. ``sizes`` go to
-    :func:`tiny_qwen2vl_config`. Save both with :func:`save_tiny_qwen2vl` to get a local
-    checkpoint directory.
+    ``family`` is a ``model_type``: ``qwen2_vl``, ``qwen2_5_vl`` or ``qwen3_vl``. Returns
+    ``(model, processor)``; same seed, same weights. ``sizes`` go to :func:`tiny_config`. Save
+    both with :func:`save_tiny` to get a local checkpoint directory.
     """
-    from transformers import Qwen2VLForConditionalGeneration
+    from tvc_lightning.families import family_named
 
-    processor = build_tiny_processor()
-    config = tiny_qwen2vl_config(processor.tokenizer, **sizes)
+    processor = build_tiny_processor(family=family)
+    config = tiny_config(processor.tokenizer, family, **sizes)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = family_named(family, "family").model_class()(config).eval()
     tok = processor.tokenizer
-    # As Qwen2-VL-Instruct's generation_config.json: a turn ends at <|im_end|> or <|endoftext|>.
+    # As the Instruct checkpoints' generation_config.json: a turn ends at <|im_end|> or <|endoftext|>.
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, processor
 
 
-def save_tiny_qwen2vl(out_dir: str | Path, seed: int = 0, **sizes: Any) -> Path:
-    """Write a tiny random Qwen2-VL checkpoint (weights, config, processor, tokenizer) to ``out_dir``.
+def tiny_qwen2vl(seed: int = 0, attn_implementation: str = "sdpa", **sizes: Any) -> tuple[Any, Any]:
+    """:func:`tiny_model` of Qwen2-VL."""
+    return tiny_model("qwen2_vl", seed, attn_implementation, **sizes)
 
-    ``sizes`` go to :func:`tiny_qwen2vl_config` (e.g. ``tie_word_embeddings=True``, as
-    Qwen2-VL-2B). Idempotent: an existing complete checkpoint is left as it is.
+
+def save_tiny(out_dir: str | Path, family: str = "qwen2_vl", seed: int = 0, **sizes: Any) -> Path:
+    """Write a tiny random checkpoint of ``family`` (weights, config, processor, tokenizer) to
+    ``out_dir``.
+
+    ``sizes`` go to :func:`tiny_config` (e.g. ``tie_word_embeddings=True``, as Qwen2-VL-2B).
+    Idempotent: an existing complete checkpoint is left as it is.
     """
     out = Path(out_dir)
     marker = out / "tiny_qwen2vl.json"
     if marker.exists():
         return out
-    model, processor = tiny_qwen2vl(seed=seed, **sizes)
+    model, processor = tiny_model(family, seed=seed, **sizes)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    marker.write_text(json.dumps({"seed": seed, **sizes}))
+    marker.write_text(json.dumps({"family": family, "seed": seed, **sizes}))
     return out
+
+
+def save_tiny_qwen2vl(out_dir: str | Path, seed: int = 0, **sizes: Any) -> Path:
+    """:func:`save_tiny` of Qwen2-VL."""
+    return save_tiny(out_dir, "qwen2_vl", seed, **sizes)
 
 
 def main() -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write a tiny random Qwen2-VL checkpoint directory.")
+    from tvc_lightning.families import FAMILIES
+
+    parser = argparse.ArgumentParser(description="Write a tiny random Qwen VL checkpoint directory.")
     parser.add_argument("out_dir")
+    parser.add_argument("--family", default="qwen2_vl", choices=sorted(FAMILIES),
+                        help="model family (config.json model_type)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(save_tiny_qwen2vl(args.out_dir, seed=args.seed))
+    print(save_tiny(args.out_dir, args.family, seed=args.seed))
 
 
 if __name__ == "__main__":

@@ -93,18 +93,6 @@ def mrope_positions(
     return positions
 
 
-def encode_images(
-    visual: torch.nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
-) -> list[torch.Tensor]:
-    """Run the vision tower once over all images; returns each image's merged tokens ``(h'*w', D)``."""
-    out = visual(pixel_values.to(_param_dtype(visual)), grid_thw=image_grid_thw)
-    # transformers 5 returns a ModelOutput (merged tokens in pooler_output); 4.x a plain tensor.
-    tokens = getattr(out, "pooler_output", out)
-    merge = visual.spatial_merge_size
-    sizes = (image_grid_thw.prod(-1) // (merge * merge)).tolist()
-    return list(torch.split(tokens, sizes))
-
-
 def segment_features(
     images: Sequence[torch.Tensor],
     grids: Sequence[tuple[int, int]],
@@ -122,7 +110,3 @@ def segment_features(
             cache[(i, k)] = pool_visual_tokens(images[i], *grids[i], k)
         parts.append(cache[(i, k)])
     return torch.cat(parts) if parts else images[0].new_zeros((0, images[0].shape[-1]))
-
-
-def _param_dtype(module: torch.nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype

@@ -27,7 +27,8 @@ from PIL import Image
 from tvc_lightning.data.dvr import DEFAULT_POOL_KERNEL, DVRTransform, Injection
 from tvc_lightning.data.schema import IMAGE_PLACEHOLDER, SampleRecord, response_turn
 from tvc_lightning.data.shards import SkipSample
-from tvc_lightning.vision import merged_grids, mrope_positions, pooled_grid
+from tvc_lightning.families import Qwen2VL
+from tvc_lightning.vision import merged_grids, pooled_grid
 
 IGNORE_INDEX = -100
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -91,6 +92,9 @@ class SampleEncoder:
         self.dvr = dvr
         self.chat = chat or ChatFormat()
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.chat.image_token)
+        # load_processor's processor knows its model family; a plain HF one is positioned by the
+        # rule all Qwen VL families share for images.
+        self.positions = (getattr(processor, "family", None) or Qwen2VL).positions
         if not self.tokenizer.is_fast:
             raise ValueError("SampleEncoder needs a fast tokenizer (it reads token offsets)")
         self._special = special_token_pattern(self.tokenizer)
@@ -117,7 +121,7 @@ class SampleEncoder:
         return {
             "input_ids": input_ids,
             "labels": labels,
-            "position_ids": mrope_positions(input_ids, self.image_token_id, seg_grids),
+            "position_ids": self.positions(input_ids, self.image_token_id, seg_grids),
             "pixel_values": vision["pixel_values"],
             "image_grid_thw": vision["image_grid_thw"],
             "visual_segments": visual_segments,

@@ -132,7 +132,7 @@ def load_for_eval(checkpoint: str, base_model: str | None, dtype: str,
         return load_model(path, dtype, attn_implementation), str(path)
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or directory")
-    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+    from transformers import AutoConfig
 
     from tvc_lightning.export import _PREFIX, _lightning_checkpoint
 
@@ -149,8 +149,11 @@ def load_for_eval(checkpoint: str, base_model: str | None, dtype: str,
         raise ValueError(f"--checkpoint {checkpoint}: no '{_PREFIX}*' weights in its state_dict")
     # from_pretrained with our weights (not a meta build + load_state_dict): it also computes the
     # non-persistent buffers (rotary frequencies) that no checkpoint holds.
-    model, info = Qwen2VLForConditionalGeneration.from_pretrained(
-        None, config=AutoConfig.from_pretrained(base), state_dict=state, dtype=target,
+    from tvc_lightning.families import family_of
+
+    config = AutoConfig.from_pretrained(base)
+    model, info = family_of(config).model_class().from_pretrained(
+        None, config=config, state_dict=state, dtype=target,
         attn_implementation=attn_implementation, output_loading_info=True)
     # The base's end-of-turn tokens and sampling defaults, as validation and export use them
     # (config.json alone gives Qwen2-VL a single eos and answers that run past <|endoftext|>).

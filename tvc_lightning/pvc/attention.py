@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
+
+from tvc_lightning.families import family_of
+from tvc_lightning.families.base import rotate_half
 
 # The share arithmetic lives in shares.py; its names stay importable from here.
 from tvc_lightning.pvc.shares import (
@@ -133,6 +135,8 @@ class VisualAttentionProbe:
         # _kind_tensors per device (layers of a sharded model live on several), reset on every kinds edit.
         self._derived: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         layers = _decoder_layers(model)
+        # What the attention does between projection and rotation (Qwen3-VL: per-head RMSNorm).
+        self._norm = family_of(model).query_key_norm
         # Decided once: the layers are all of one class, and the name depends on the transformers release.
         self._cache_kw = cache_keyword(layers[0].self_attn.forward)
         self._records: list[list[torch.Tensor]] = [[] for _ in layers]  # per layer, per step (B_s, 2)
@@ -338,7 +342,7 @@ class VisualAttentionProbe:
         head_dim = module.head_dim
         cos, sin = kwargs["position_embeddings"]  # (B, q_len, head_dim), M-RoPE sections already merged
         if keys is None:  # forward without a cache: the keys are exactly this forward's rotated k_proj
-            keys = module.k_proj(hidden).view(bsz, q_len, -1, head_dim)
+            keys = self._norm(module, module.k_proj(hidden).view(bsz, q_len, -1, head_dim), "k")
             keys = (keys * cos[:, :, None] + rotate_half(keys) * sin[:, :, None]).transpose(1, 2)
         _check_kinds(kinds, bsz, keys.shape[2])
         captured = q_out is not None and q_out.shape[:2] == hidden.shape[:2]
@@ -353,8 +357,8 @@ class VisualAttentionProbe:
             picked, cos, sin = source[batch, rows], cos[batch, rows], sin[batch, rows]
         if not captured:
             picked = module.q_proj(picked)
-        # Same rotation as Qwen2VLAttention.forward, for one query per sequence.
-        query = picked.view(bsz, -1, head_dim)
+        # Same norm and rotation as the family's attention forward, for one query per sequence.
+        query = self._norm(module, picked.view(bsz, -1, head_dim), "q")
         query = query * cos[:, None] + rotate_half(query) * sin[:, None]  # (B, heads, head_dim)
         if keys.device not in self._derived:
             self._derived[keys.device] = _kind_tensors(kinds.to(keys.device))

@@ -29,19 +29,13 @@ from PIL import Image
 from transformers import DynamicCache
 
 from tvc_lightning.data.tokenize import ChatFormat, special_token_pattern
+from tvc_lightning.families import family_of
 from tvc_lightning.pvc.attention import VisualAttentionProbe, cache_keyword
 from tvc_lightning.pvc.config import PVCConfig
 from tvc_lightning.pvc.results import Calibration, PVCResult, RowState
 from tvc_lightning.pvc.sampling import next_tokens
 from tvc_lightning.pvc.triggers import Trigger, TriggerDetector
-from tvc_lightning.vision import (
-    encode_images,
-    merged_grids,
-    mrope_positions,
-    pool_visual_tokens,
-    pooled_grid,
-    segment_features,
-)
+from tvc_lightning.vision import merged_grids, pool_visual_tokens, pooled_grid, segment_features
 
 TEXT, ORIGINAL, COPY, HIDDEN = 0, 1, 2, -1
 _VISIBLE = 1 << 62  # "hidden from" index of a column nobody stops seeing
@@ -54,7 +48,8 @@ class _Decoder:
         self.model, self.config, self.chat, self.recompute = model, config, chat, recompute
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
-        self.lm = model.model.language_model
+        self.family = family_of(model)
+        self.lm = self.family.language_model(model)
         self.cache_kw = cache_keyword(self.lm.forward)  # `cache` since transformers 5.24
         self.embed = model.get_input_embeddings()
         self.image_token_id = int(model.config.image_token_id)
@@ -82,9 +77,9 @@ class _Decoder:
         vision = [self.image_processor(images=imgs, return_tensors="pt") for imgs in images]
         grid_thw = torch.cat([v["image_grid_thw"] for v in vision]).to(self.device)
         pixels = torch.cat([v["pixel_values"] for v in vision]).to(self.device)
-        visual = self.model.model.visual
-        features = encode_images(visual, pixels, grid_thw)  # one tower pass for the whole batch
-        grids = merged_grids(grid_thw, visual.spatial_merge_size)
+        # One tower pass for the whole batch.
+        features = self.family.encode_images(self.model, pixels, grid_thw)
+        grids = merged_grids(grid_thw, self.family.merge_size(self.model))
         rows, k = [], 0
         for sample, (question, imgs) in enumerate(zip(questions, images, strict=True)):
             if self.special.search(question):
@@ -93,7 +88,7 @@ class _Decoder:
             row_grids = grids[k:k + n]
             text = self.chat.prompt(question, [h * w for h, w in row_grids])
             ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            pos = mrope_positions(ids, self.image_token_id, row_grids)
+            pos = self.family.positions(ids, self.image_token_id, row_grids)
             kinds = torch.where(ids == self.image_token_id, ORIGINAL, TEXT)
             row = RowState(sample, features[k:k + n], row_grids, ids.tolist(), kinds.tolist(),
                        [tuple(p) for p in pos.T.tolist()], [_VISIBLE] * len(ids),
@@ -155,12 +150,10 @@ class _Decoder:
 
     def _forward(self, ids: torch.Tensor, features: list[torch.Tensor], mask: torch.Tensor,
                  pos: torch.Tensor, cache: DynamicCache, last: torch.Tensor) -> torch.Tensor:
-        embeds = self.embed(ids)
-        if features:
-            image = (ids == self.image_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(image, torch.cat(features).to(embeds.dtype))
+        embeds, visual_kwargs = self.family.embed(self.model, ids,
+                                                  torch.cat(features) if features else None)
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
-                      **{self.cache_kw: cache})
+                      **visual_kwargs, **{self.cache_kw: cache})
         hidden = out.last_hidden_state[torch.arange(ids.shape[0]), last.to(self.device)]
         return self.model.lm_head(hidden).float()  # (B, V): only the positions we sample from
 
@@ -270,7 +263,7 @@ class _Decoder:
             features.append(self._pooled(r, i))
             r.segments.append((i, self.config.pool_kernel))
         ids = torch.tensor(chunk)
-        pos = mrope_positions(ids, self.image_token_id, grids, offset=r.next_position)
+        pos = self.family.positions(ids, self.image_token_id, grids, offset=r.next_position)
         kinds = torch.where(ids == self.image_token_id, COPY, TEXT)
         r.calibrations.append(Calibration(r.num_generated, len(r.generated),
                                           len(chunk) - int(keep_new), trigger.kind, r.sampled))
