@@ -377,8 +377,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cell's colour, named only after a long arithmetic detour "
                              "(data_engine/synth_late.py)")
     parser.add_argument("--detour-steps", type=int, default=10,
-                        help="late_lookup: typical number of arithmetic steps before the lookup "
-                             "(each sample draws from about 0.75x to 1.25x of it)")
+                        help="late_lookup: typical number of arithmetic steps (or copied words) "
+                             "before the lookup (each sample draws from about 0.75x to 1.25x of it)")
+    parser.add_argument("--detour", choices=("arithmetic", "copy"), default="arithmetic",
+                        help="late_lookup: the cell is named through arithmetic, or named in the "
+                             "question and preceded by copying a word list out (a 3 x 3 grid)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -404,7 +407,7 @@ def run(args: argparse.Namespace) -> int:
 
             shards = synth_late.write_split(
                 args.out, split, num, args.seed, args.samples_per_shard, args.image_size,
-                detour_steps=args.detour_steps, overwrite=args.overwrite,
+                detour_steps=args.detour_steps, overwrite=args.overwrite, detour=args.detour,
             )
         else:
             shards = write_split(

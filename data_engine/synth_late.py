@@ -13,6 +13,13 @@ independently from :data:`PALETTE` (10 colours), the question and the chain befo
 sentence name no colour except the fixed list of allowed answers, and the queried cell depends on
 the arithmetic only. The text-only majority baseline is therefore about 1/10.
 
+``detour="copy"`` is the variant whose detour a small model can learn: the question names the
+cell directly and lists words that the chain copies out one by one before the lookup ("Item 7 is
+square."). The grid is a fixed 3 x 3 with no margin, so at the evidence run's 168 px each cell is
+exactly 2 x 2 merged visual tokens, i.e. one token of a copy pooled with kernel 2: the pooled copy
+still shows every cell. Its one reflection sentence, "Let me check that cell in the image.", opens the
+lookup, so DVR's injection and PVC's reflection trigger both put the copy right before it.
+
 Every sample comes from its own generator seeded by ``(seed, split, index)`` (deterministic,
 independent of how many are generated); images are PNG, drawn with PIL without anti-aliasing
 inside the cells, so every cell pixel has exactly its palette colour.
@@ -49,6 +56,10 @@ CHECKS = (
     "Hmm, let me verify that product.",
 )
 MODULI = (97, 101, 103, 107, 109, 113, 127)
+DETOURS = ("arithmetic", "copy")
+# Words the copy detour lists: no colour, each a word of the tiny tokenizer's corpus.
+WORDS = ("circle", "square", "triangle", "bar", "angle", "side", "segment", "area", "point",
+         "label", "count", "total", "left", "right", "top", "bottom", "shape", "step")
 
 
 @dataclass(frozen=True)
@@ -94,10 +105,18 @@ def make_grid(rng: random.Random, image_size: int) -> Grid:
     return Grid(rows, cols, cell, margin, margin, colours)
 
 
+def make_aligned_grid(rng: random.Random, image_size: int) -> Grid:
+    """A 3 x 3 grid filling an ``image_size`` square with no margin (no numbers drawn)."""
+    colours = tuple(tuple(rng.choice(list(PALETTE)) for _ in range(3)) for _ in range(3))
+    return Grid(3, 3, image_size // 3, 0, 0, colours)
+
+
 def render(grid: Grid) -> Image.Image:
-    """Draw the grid: filled cells, grey lines between them, 1-based row/column numbers."""
-    width = grid.left + grid.cols * grid.cell + 2
-    height = grid.top + grid.rows * grid.cell + 2
+    """Draw the grid: filled cells, grey lines between them, 1-based row/column numbers in the
+    margin (when there is one)."""
+    border = 2 if grid.left else 0  # an aligned grid is exactly its cells
+    width = grid.left + grid.cols * grid.cell + border
+    height = grid.top + grid.rows * grid.cell + border
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
@@ -106,6 +125,8 @@ def render(grid: Grid) -> Image.Image:
             x0, y0 = grid.left + c * grid.cell, grid.top + r * grid.cell
             draw.rectangle((x0, y0, x0 + grid.cell - 1, y0 + grid.cell - 1),
                            fill=PALETTE[grid.colours[r][c]], outline=LINE)
+    if not grid.left:
+        return image
     for r in range(grid.rows):
         draw.text((1, grid.top + r * grid.cell + grid.cell // 2 - 5), str(r + 1), fill=(0, 0, 0),
                   font=font)
@@ -180,32 +201,69 @@ def make_response(detour: Detour, grid: Grid, rng: random.Random) -> str:
     return " ".join(out)
 
 
+def copy_question(words: list[str], grid: Grid, row: int, col: int) -> str:
+    answers = ", ".join(PALETTE)
+    return (
+        f"The image shows a grid of coloured cells with {grid.rows} rows, numbered 1 to "
+        f"{grid.rows} from the top, and {grid.cols} columns, numbered 1 to {grid.cols} from the "
+        f"left. Here is a list of {len(words)} words: {', '.join(words)}. First write the list out "
+        f"as numbered items, then tell me the colour of the cell in row {row + 1}, column "
+        f"{col + 1}. Answer with one of: {answers}."
+    )
+
+
+def copy_response(words: list[str], grid: Grid, row: int, col: int) -> str:
+    """The chain: the list copied item by item (no colour named), the lookup and answer last."""
+    out = ["I will first write the list out, then read the cell from the image."]
+    out += [f"Item {k} is {w}." for k, w in enumerate(words, start=1)]
+    colour = grid.colours[row][col]
+    out += [f"That is the whole list. So I need the cell in row {row + 1}, column {col + 1}.",
+            "Let me check that cell in the image.", LOOKUP.format(row=row + 1, col=col + 1, colour=colour),
+            f"The final answer is \\boxed{{{colour}}}."]
+    return " ".join(out)
+
+
 def make_sample(seed: int, split: str, index: int, image_size: int = 224,
-                detour_steps: int = 10) -> tuple[str, SampleRecord, Image.Image, Grid, Detour]:
-    """Sample ``index`` of ``split``: ``(key, record, image, grid, detour)``."""
-    rng = random.Random(f"late:{seed}:{split}:{index}")  # str seeds hash stably across runs
-    grid = make_grid(rng, image_size)
-    detour = make_detour(rng, detour_steps)
-    row, col = cell_of(detour, grid)
+                detour_steps: int = 10, detour: str = "arithmetic",
+                ) -> tuple[str, SampleRecord, Image.Image, Grid, Detour | list[str]]:
+    """Sample ``index`` of ``split``: ``(key, record, image, grid, detour)``; the detour is the
+    arithmetic or (``detour="copy"``) the list of words copied."""
+    if detour not in DETOURS:
+        raise ValueError(f"detour must be one of {DETOURS}, got {detour!r}")
+    rng = random.Random(f"late:{seed}:{split}:{index}" + ("" if detour == "arithmetic" else f":{detour}"))
     key = f"late-{split}-{index:06d}"
+    if detour == "copy":
+        grid = make_aligned_grid(rng, image_size)
+        row, col = rng.randrange(3), rng.randrange(3)
+        low = max(1, detour_steps - detour_steps // 4)
+        words = [rng.choice(WORDS) for _ in range(rng.randint(low, detour_steps + detour_steps // 4))]
+        question, response, what = (copy_question(words, grid, row, col),
+                                    copy_response(words, grid, row, col), words)
+    else:
+        grid = make_grid(rng, image_size)
+        arithmetic = make_detour(rng, detour_steps)
+        row, col = cell_of(arithmetic, grid)
+        question, response, what = (question_text(arithmetic, grid),
+                                    make_response(arithmetic, grid, rng), arithmetic)
     record = SampleRecord(
         id=key,
-        question=question_text(detour, grid),
-        response=make_response(detour, grid, rng),
+        question=question,
+        response=response,
         answer=grid.colours[row][col],
         answer_type="text",
         choices=None,
         precision=None,
         source="synth_late",
     )
-    return key, record, render(grid), grid, detour
+    return key, record, render(grid), grid, what
 
 
 def write_split(out_dir: Path, split: str, num: int, seed: int, per_shard: int, image_size: int,
-                detour_steps: int = 10, overwrite: bool = False) -> list[Path]:
+                detour_steps: int = 10, overwrite: bool = False,
+                detour: str = "arithmetic") -> list[Path]:
     """Generate ``num`` samples of ``split`` into ``out_dir/split/late-NNNNNN.tar``."""
     with ShardWriter(out_dir / split, "late", maxcount=per_shard, overwrite=overwrite) as w:
         for i in range(num):
-            key, record, image, _, _ = make_sample(seed, split, i, image_size, detour_steps)
+            key, record, image, _, _ = make_sample(seed, split, i, image_size, detour_steps, detour)
             w.write(key, record, [encode_image(image, "png")[1]])
     return w.shards

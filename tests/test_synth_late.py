@@ -119,3 +119,82 @@ def test_default_task_is_unchanged(tmp_path):
     assert data_engine_main(args + ["--out", str(tmp_path / "b"), "--task", "shapes"]) == 0
     pinned = "5881f411dd048420f17753d96e6f21d9d88b787968dbcb431105a74a31f55304"
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") == pinned
+
+
+# --- the copy detour: a list copied out, then the lookup ----------------------------------------
+
+def _copy_samples(split: str, n: int, steps: int = 40):
+    return [make_sample(0, split, i, image_size=168, detour_steps=steps, detour="copy")
+            for i in range(n)]
+
+
+def test_copy_detour_aligns_cells_with_pooled_tokens_and_names_no_colour_early():
+    """168 px, 3 x 3: every 56-px cell is 2 x 2 merged tokens (28 px each), so a copy pooled with
+    kernel 2 has one token per cell; the question names the cell, the chain copies the list and
+    names no colour before the lookup."""
+    import numpy as np
+
+    from tvc_lightning.testing import build_tiny_processor
+
+    processor = build_tiny_processor(max_pixels=168 * 168)
+    for _, record, image, grid, words in _copy_samples("train", 30):
+        assert image.size == (168, 168) and (grid.rows, grid.cols, grid.cell) == (3, 3, 56)
+        pixels = np.asarray(image)
+        for r in range(3):
+            for c in range(3):
+                cell = pixels[56 * r + 1:56 * (r + 1) - 1, 56 * c + 1:56 * (c + 1) - 1]
+                assert (cell == PALETTE[grid.colours[r][c]]).all()
+        row, col = next((r, c) for r in range(3) for c in range(3)
+                        if f"row {r + 1}, column {c + 1}." in record.question)
+        lookup = LOOKUP.format(row=row + 1, col=col + 1, colour=record.answer)
+        before, found, _ = record.response.partition(lookup)
+        assert found and record.answer == grid.colours[row][col]
+        assert COLOUR_WORD.search(before) is None
+        assert COLOUR_WORD.search(record.question.replace(ANSWER_LIST, "")) is None
+        assert all(f"Item {k} is {w}." in before for k, w in enumerate(words, start=1))
+        assert 30 <= len(words) <= 50
+        assert score_record(record.response, record) == (record.answer, True)
+    grid_thw = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+    assert grid_thw.tolist() == [[1, 12, 12]]  # 6 x 6 merged tokens
+    assert make_sample(0, "val", 0, 168, 40, "copy")[1] == _copy_samples("val", 1)[0][1]
+    # The arithmetic variant's samples are those it always had (seeded as before).
+    assert make_sample(0, "val", 0)[1] == make_sample(0, "val", 0, detour="arithmetic")[1]
+
+
+def test_copy_detour_puts_dvr_and_pvc_at_the_lookup():
+    """The chain's only reflection sentence opens the lookup: DVR's one candidate point is there,
+    and PVC's reflection trigger fires on it (and nowhere earlier in the chain)."""
+    from tvc_lightning.data.dvr import DVRTransform
+    from tvc_lightning.pvc.config import PVCConfig
+    from tvc_lightning.pvc.triggers import TriggerDetector
+    from tvc_lightning.testing import build_tiny_tokenizer
+
+    dvr = DVRTransform(p=1.0, max_injections=1, pool_kernel=2)
+    tok = build_tiny_tokenizer()
+    detector = TriggerDetector(PVCConfig(max_calibrations=1, min_gap=64), tok)
+    for _, record, *_ in _copy_samples("val", 5):
+        lookup_at = record.response.index("Let me check that cell in the image.")
+        assert dvr.candidates(record.response) == [lookup_at]
+        ids = tok(record.response, add_special_tokens=False)["input_ids"]
+        fired = [(n, t) for n in range(1, len(ids) + 1)
+                 if (t := detector.check(ids[:n], 0)) is not None]
+        assert fired, record.response[-200:]
+        n, trigger = fired[0]
+        # The reflection phrase is rolled back: the image goes in just before the lookup sentence.
+        assert trigger.kind == "reflection"
+        kept = tok.decode(ids[:n - trigger.rollback])
+        assert kept.rstrip() == record.response[:lookup_at].rstrip()
+
+
+def test_copy_detour_text_only_baseline_is_near_chance():
+    train, val = _copy_samples("train", 500), _copy_samples("val", 500)
+    answers = Counter(s[1].answer for s in train)
+    best = answers.most_common(1)[0][0]
+    assert sum(s[1].answer == best for s in val) / len(val) <= 0.15
+    # The queried cell alone (the question's only cue) predicts no colour either.
+    by_cell: dict[str, Counter] = defaultdict(Counter)
+    cell = lambda s: re.search(r"row \d, column \d", s[1].question).group(0)  # noqa: E731
+    for s in train:
+        by_cell[cell(s)][s[1].answer] += 1
+    hits = sum(by_cell[cell(s)].most_common(1)[0][0] == s[1].answer for s in val)
+    assert hits / len(val) <= 0.15

@@ -1,17 +1,23 @@
 """The evidence run on CPU: plain SFT vs DVR, each decoded plainly and with PVC, on ``late_lookup``.
 
-``python -m tvc_lightning.analyze.evidence`` (``make evidence``) does, under ``outputs/evidence/``:
+``python -m tvc_lightning.analyze.evidence [--variant copy|arithmetic]`` (``make evidence``, or
+``make evidence VARIANT=arithmetic``) does, under ``outputs/evidence/``:
 
 1. a small random Qwen2-VL checkpoint (``model/``, :data:`MODEL_SIZES`) and ``synth --task
-   late_lookup`` shards (``data/train``, ``data/val``, :data:`DATA_SIZES`), each only if absent;
+   late_lookup`` shards (``data/train``, ``data/val``, the variant's sizes in :data:`VARIANTS`),
+   each only if absent;
 2. the two fits, ``recipes/evidence/plain.yaml`` and ``recipes/evidence/dvr.yaml`` (same data,
    steps and seeds; only ``data.dvr.p`` differs), side by side, one CPU thread each;
 3. ``evaluate --benchmark shards --compare_plain true`` of both checkpoints on ``data/val``;
 4. ``analyze forgetting`` and ``analyze removal`` of both;
-5. bootstrap intervals and ``docs/evidence.md`` (figures copied to ``docs/evidence/``).
+5. bootstrap intervals and the variant's document (``docs/evidence.md`` for ``copy``,
+   ``docs/evidence_arithmetic.md``; figures copied to ``docs/evidence/VARIANT_*.png``).
 
-Every step whose output exists is skipped, so a stopped run continues where it stopped. The
-reading between the markers of an existing ``docs/evidence.md`` is kept when it is rewritten.
+The variants differ in the task's detour only (same model, recipes, steps and seeds): ``copy``
+(the default) copies a word list out before the lookup, ``arithmetic`` computes the cell (the
+first configuration tried; its models never learned the arithmetic). Every step whose output
+exists is skipped, so a stopped run continues where it stopped; outputs of the other variant are
+refused. The reading between the markers of an existing document is kept when it is rewritten.
 """
 
 from __future__ import annotations
@@ -41,21 +47,36 @@ from tvc_lightning.analyze.evidence_report import (
 
 MODEL_SIZES = dict(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2,
                    intermediate_size=512, vision_depth=2, vision_dim=64, vision_heads=2)
-DATA_SIZES = dict(num_train=4000, num_val=128, detour_steps=1, image_size=168, seed=0)
 MAX_PIXELS = 168 * 168
-# PVC as DVR trained it: the same pooling (6 x 6 merged grid -> 3 x 3), a calibration at a
-# reflection phrase or bridge, else every 200 tokens (DVR's fallback is the response midpoint,
-# ~220 tokens into these ~440-token chains); greedy, long enough for the whole chain.
-GENERATION = dict(pool_kernel=2, reset="visual", every_n_tokens=200, min_gap=64,
-                  max_calibrations=2, max_new_tokens=640, repetition_penalty=1.0)
+VARIANTS: dict[str, dict[str, dict]] = {
+    # The lookup sentence opens with the chain's only reflection phrase: DVR injects its one copy
+    # there and PVC calibrates there once (no periodic calibration); ~485-token chains.
+    "copy": dict(
+        data=dict(num_train=4000, num_val=128, detour="copy", detour_steps=40, image_size=168,
+                  seed=0),
+        generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
+                        max_new_tokens=640, repetition_penalty=1.0),
+        doc=dict(name="evidence.md", tokens="~300 question tokens, ~485 response tokens, 36 image "
+                                            "tokens")),
+    # PVC as DVR trained it: the same pooling (6 x 6 merged grid -> 3 x 3), a calibration at a
+    # reflection phrase or bridge, else every 200 tokens (DVR's fallback is the response
+    # midpoint, ~220 tokens into these ~440-token chains); greedy, long enough for the chain.
+    "arithmetic": dict(
+        data=dict(num_train=4000, num_val=128, detour="arithmetic", detour_steps=1,
+                  image_size=168, seed=0),
+        generation=dict(pool_kernel=2, reset="visual", every_n_tokens=200, min_gap=64,
+                        max_calibrations=2, max_new_tokens=640, repetition_penalty=1.0),
+        doc=dict(name="evidence_arithmetic.md",
+                 tokens="~320 question tokens, ~440 response tokens, 36 image tokens")),
+}
 FORGETTING_LIMIT = 16
 REMOVAL_LIMIT = 32
 REMOVAL_GRID = "[0, 0.25, 0.5, 0.75, 1]"
 RESAMPLES = 2000
 
 
-def _generation_flags() -> list[str]:
-    return [f"--generation.{k}={v}" for k, v in GENERATION.items()]
+def _generation_flags(variant: str) -> list[str]:
+    return [f"--generation.{k}={v}" for k, v in VARIANTS[variant]["generation"].items()]
 
 
 def _env(threads: int) -> dict[str, str]:
@@ -85,17 +106,30 @@ def run_parallel(jobs: dict[str, list[str]], logs: Path, threads: int) -> None:
         raise RuntimeError("failed: " + ", ".join(failed))
 
 
-def build_inputs(root: Path) -> None:
+def check_variant(root: Path, variant: str) -> None:
+    """Claim ``root`` for ``variant``; refuse a root holding another variant's outputs."""
+    marker = root / "variant.txt"
+    found = marker.read_text().strip() if marker.exists() else (
+        "arithmetic" if (root / "data").exists() else None)  # runs from before the variants
+    if found is not None and found != variant:
+        raise SystemExit(f"{root} holds the {found!r} variant's outputs; move it away (or pass "
+                         f"--root) to run {variant!r}")
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(variant + "\n")
+
+
+def build_inputs(root: Path, variant: str) -> None:
     """The random checkpoint and the shards, each only if absent."""
     from tvc_lightning.testing import save_tiny_qwen2vl
 
     save_tiny_qwen2vl(root / "model", seed=0, **MODEL_SIZES)
     data = root / "data"
     if not (data / "val").exists():
-        s = DATA_SIZES
+        s = VARIANTS[variant]["data"]
         subprocess.run([sys.executable, "-m", "data_engine", "synth", "--task", "late_lookup",
                         "--out", str(data), "--num-train", str(s["num_train"]),
-                        "--num-val", str(s["num_val"]), "--detour-steps", str(s["detour_steps"]),
+                        "--num-val", str(s["num_val"]), "--detour", s["detour"],
+                        "--detour-steps", str(s["detour_steps"]),
                         "--image-size", str(s["image_size"]), "--seed", str(s["seed"])],
                        check=True, env=_env(1))
 
@@ -114,7 +148,7 @@ def fit_jobs(root: Path, recipes: Path) -> dict[str, list[str]]:
     return jobs
 
 
-def eval_jobs(root: Path) -> dict[str, list[str]]:
+def eval_jobs(root: Path, variant: str) -> dict[str, list[str]]:
     jobs = {}
     for arm in ARMS:
         out = root / arm / "eval"
@@ -125,11 +159,11 @@ def eval_jobs(root: Path) -> dict[str, list[str]]:
             "--checkpoint", str(root / arm / "checkpoints" / "last.ckpt"),
             "--benchmark", "shards", "--input", str(root / "data" / "val"), "--out", str(out),
             "--compare_plain", "true", "--batch_size", "32", "--max_pixels", str(MAX_PIXELS),
-            "--progress_bar", "false", *_generation_flags()]
+            "--progress_bar", "false", *_generation_flags(variant)]
     return jobs
 
 
-def analyze_jobs(root: Path, command: str) -> dict[str, list[str]]:
+def analyze_jobs(root: Path, command: str, variant: str) -> dict[str, list[str]]:
     jobs = {}
     for arm in ARMS:
         out = root / arm / command
@@ -143,7 +177,7 @@ def analyze_jobs(root: Path, command: str) -> dict[str, list[str]]:
             sys.executable, "-m", "tvc_lightning", "analyze", command,
             "--checkpoint", str(root / arm / "checkpoints" / "last.ckpt"),
             "--data", str(root / "data" / "val"), "--out", str(out),
-            "--max_pixels", str(MAX_PIXELS), *extra, *_generation_flags()]
+            "--max_pixels", str(MAX_PIXELS), *extra, *_generation_flags(variant)]
     return jobs
 
 
@@ -183,16 +217,17 @@ def collect(root: Path) -> tuple[dict[tuple[str, str], Interval], dict[str, Inte
     return cells, diffs, chance
 
 
-def sizes_text() -> dict[str, str]:
-    m, d, g = MODEL_SIZES, DATA_SIZES, GENERATION
+def sizes_text(variant: str) -> dict[str, str]:
+    m, d, g = MODEL_SIZES, VARIANTS[variant]["data"], VARIANTS[variant]["generation"]
     return {
         "model": (f"random Qwen2-VL, {m['num_layers']} layers, hidden {m['hidden_size']}, "
                   f"{m['num_heads']}/{m['num_kv_heads']} heads, intermediate "
                   f"{m['intermediate_size']}, vision tower {m['vision_depth']} x {m['vision_dim']} "
                   "(trained, not frozen), the tiny 640-token tokenizer"),
-        "data": (f"`synth --task late_lookup --detour-steps {d['detour_steps']} --image-size "
-                 f"{d['image_size']} --seed {d['seed']}`: {d['num_train']} train, {d['num_val']} "
-                 "held-out val items (~320 question tokens, ~440 response tokens, 36 image tokens)"),
+        "data": (f"`synth --task late_lookup --detour {d['detour']} --detour-steps "
+                 f"{d['detour_steps']} --image-size {d['image_size']} --seed {d['seed']}`: "
+                 f"{d['num_train']} train, {d['num_val']} held-out val items "
+                 f"({VARIANTS[variant]['doc']['tokens']})"),
         "training": ("recipes/evidence/{plain,dvr}.yaml: 1000 steps x batch 4 (one epoch), AdamW "
                      "lr 1e-3, warm-up 10%, fp32, seed 0; DVR: 1 injection, pool kernel 2"),
         "decoding": "greedy; " + ", ".join(f"{k} {v}" for k, v in g.items())
@@ -203,7 +238,7 @@ def sizes_text() -> dict[str, str]:
 
 
 def write_doc(root: Path, docs: Path, command: str, date: str, machine: str,
-              timings: dict[str, float]) -> Path:
+              timings: dict[str, float], variant: str) -> Path:
     cells, diffs, chance = collect(root)
     figures = {}
     (docs / "evidence").mkdir(parents=True, exist_ok=True)
@@ -211,15 +246,16 @@ def write_doc(root: Path, docs: Path, command: str, date: str, machine: str,
         for kind in ("forgetting", "removal"):
             png = root / arm / kind / f"{kind}.png"
             if png.exists():
-                shutil.copyfile(png, docs / "evidence" / f"{arm}_{kind}.png")
-                figures[f"{arm} {kind}"] = f"evidence/{arm}_{kind}.png"
+                name = f"{variant}_{arm}_{kind}.png"
+                shutil.copyfile(png, docs / "evidence" / name)
+                figures[f"{arm} {kind}"] = f"evidence/{name}"
     forgetting = {arm: forgetting_summary(root / arm / "forgetting" / "forgetting_curve.csv")
                   for arm in ARMS}
     removal = {arm: removal_summary(root / arm / "removal" / "removal_curve.csv") for arm in ARMS}
-    doc = docs / "evidence.md"
+    doc = docs / VARIANTS[variant]["doc"]["name"]
     reading = kept_reading(doc.read_text(encoding="utf-8") if doc.exists() else None)
     doc.write_text(render_doc(
-        command=command, date=date, machine=machine, sizes=sizes_text(), cells=cells, diffs=diffs,
+        command=command, date=date, machine=machine, sizes=sizes_text(variant), cells=cells, diffs=diffs,
         forgetting=forgetting, removal=removal, figures=figures, timings=timings,
         train_loss={arm: final_train_loss(root / arm) for arm in ARMS}, chance=chance,
         reading=reading, resamples=RESAMPLES), encoding="utf-8")
@@ -236,21 +272,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     p.add_argument("--machine", default=f"{os.cpu_count()}-core CPU")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per subprocess")
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="copy",
+                   help="the task's detour: copy a word list (default) or compute the cell")
     args = p.parse_args(argv)
+    check_variant(args.root, args.variant)
     timings_file = args.root / "timings.json"
     timings: dict[str, float] = (json.loads(timings_file.read_text())
                                  if timings_file.exists() else {})
     args.root.mkdir(parents=True, exist_ok=True)
     stages = (("setup", None), ("fits", lambda: fit_jobs(args.root, args.recipes)),
-              ("evaluate", lambda: eval_jobs(args.root)),
-              ("forgetting", lambda: analyze_jobs(args.root, "forgetting")),
-              ("removal", lambda: analyze_jobs(args.root, "removal")))
+              ("evaluate", lambda: eval_jobs(args.root, args.variant)),
+              ("forgetting", lambda: analyze_jobs(args.root, "forgetting", args.variant)),
+              ("removal", lambda: analyze_jobs(args.root, "removal", args.variant)))
     for name, jobs in stages:
         start = time.monotonic()
         if jobs is None:
             if (args.root / "model" / "tiny_qwen2vl.json").exists() and (args.root / "data" / "val").exists():
                 continue  # a rerun that builds nothing adds no set-up time
-            build_inputs(args.root)
+            build_inputs(args.root, args.variant)
         else:
             todo = jobs()
             if not todo:
@@ -260,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = timings.get(name, 0.0) + time.monotonic() - start
         timings_file.write_text(json.dumps(timings, indent=2))
         print(f"[evidence] {name} done in {timings[name] / 60:.1f} min", flush=True)
-    doc = write_doc(args.root, args.docs, "make evidence", args.date, args.machine, timings)
+    command = "make evidence" + ("" if args.variant == "copy" else f" VARIANT={args.variant}")
+    doc = write_doc(args.root, args.docs, command, args.date, args.machine, timings, args.variant)
     print(f"[evidence] wrote {doc}")
     return 0
 
