@@ -135,15 +135,17 @@ def run_hf(checkpoint: Path, samples: list[dict[str, Any]], args: argparse.Names
     """HF ``Trainer`` over the same samples, in order, with a padded collator."""
     import inspect
 
-    from transformers import Qwen2VLForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from tvc_lightning.data.tokenize import IGNORE_INDEX
+    from tvc_lightning.families import family_at
 
     dtype = torch.bfloat16 if args.precision == "bf16-true" else torch.float32
-    model = Qwen2VLForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype,
-                                                            attn_implementation=args.attn)
+    family = family_at(checkpoint)
+    model = family.model_class().from_pretrained(checkpoint, dtype=dtype,
+                                                 attn_implementation=args.attn)
     model.config.use_cache = False
-    for p in model.model.visual.parameters():  # LLaMA-Factory's freeze_vision_tower
+    for p in family.vision_tower(model).parameters():  # LLaMA-Factory's freeze_vision_tower
         p.requires_grad_(False)
     image_token = model.config.image_token_id
     wants_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters

@@ -29,6 +29,7 @@ from tvc_lightning.data.dvr import (
 )
 from tvc_lightning.data.schema import SampleRecord
 from tvc_lightning.data.tokenize import ChatFormat, SampleEncoder, special_token_pattern
+from tvc_lightning.families import Qwen2VL
 
 
 @dataclass
@@ -78,7 +79,8 @@ class TrainingLength:
         self.shape = shape
         self.encoder = SampleEncoder(
             processor, max_length=shape.max_length, dvr=shape.dvr(),
-            chat=ChatFormat(question_suffix=shape.question_suffix),
+            chat=ChatFormat.for_family(getattr(processor, "family", None) or Qwen2VL,
+                                       question_suffix=shape.question_suffix),
         )
         self.lock = lock if lock is not None else threading.Lock()
 

@@ -96,6 +96,33 @@ def test_every_family_has_its_own_tiny_model_and_classes(tiny_family):
     assert processor.image_processor.patch_size == adapter.image_processor_settings["patch_size"]
 
 
+def test_tiny_processors_give_every_family_the_same_token_grid(tiny_family):
+    """Pixel limits scale with the patch area, so 16-pixel patches (Qwen3-VL) reach the same
+    8 x 8 merged tokens as 14-pixel ones at the tiny limit."""
+    _, processor = tiny_family
+    grid = processor.image_processor(images=[random_image(256, 256)], return_tensors="pt")
+    assert grid["image_grid_thw"].tolist() == [[1, 16, 16]]
+
+
+def test_chat_format_follows_the_family_template(tiny_family):
+    from tvc_lightning.data.tokenize import ChatFormat
+
+    model, processor = tiny_family
+    chat = ChatFormat.for_family(family_of(model))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
+    hf = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat.prompt("Hi?", [1]) == hf.replace("<|image_pad|>", "<|image_pad|>" * 1)
+    assert (chat.system_prompt is None) == (model.config.model_type == "qwen3_vl")
+    assert ChatFormat.for_family(family_of(model), "Be brief.").prompt("Hi?", [1]).startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+def test_save_tiny_refuses_a_directory_of_another_family(tmp_path):
+    save_tiny(tmp_path / "m", "qwen2_vl", num_layers=1)
+    with pytest.raises(FileExistsError, match="qwen2_vl.*not qwen3_vl"):
+        save_tiny(tmp_path / "m", "qwen3_vl", num_layers=1)
+
+
 def test_default_freeze_is_the_whole_vision_tower(tiny_family, tmp_path):
     """TVC froze the tower with its merger(s): Qwen3-VL's DeepStack mergers included."""
     from tvc_lightning.module import TVCModule

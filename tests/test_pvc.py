@@ -9,6 +9,7 @@ import torch
 from tests.conftest import random_image
 from tvc_lightning.data.collate import Collator
 from tvc_lightning.data.tokenize import ChatFormat
+from tvc_lightning.families import family_of
 from tvc_lightning.module import TVCModule
 from tvc_lightning.pvc import PVCConfig, pvc_generate
 from tvc_lightning.pvc.triggers import Trigger, TriggerDetector
@@ -110,7 +111,7 @@ def test_calibration_chunk_layout_and_training_forward_agree(tiny_family):
                              triggers=ScriptedTriggers(SCRIPT))
     vision = processor.image_processor(images=images, return_tensors="pt")
     grids = merged_grids(vision["image_grid_thw"], 2)
-    prompt = ChatFormat().prompt(QUESTIONS[2], [h * w for h, w in grids])
+    prompt = ChatFormat.for_family(family_of(model)).prompt(QUESTIONS[2], [h * w for h, w in grids])
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     ids = torch.tensor(prompt_ids + result.token_ids)
     segments = [(i, 1) for i in range(len(grids))]

@@ -32,8 +32,10 @@ def _hf_batch(processor, records, images):
     return processor(text=texts, images=images, return_tensors="pt", padding=True)
 
 
-def test_dvr_off_equals_hf_processor(tiny):
-    _, processor = tiny
+def test_dvr_off_equals_hf_processor(tiny_family):
+    """Token for token what HF's processor makes of the family's chat template (Qwen3-VL's
+    writes no default system turn)."""
+    _, processor = tiny_family
     records = [_record(0), _record(1, "Short answer: \\boxed{5}.")]
     images = [random_image(150, 200, seed=1), random_image(90, 60, seed=2)]
     encoder = SampleEncoder(processor, dvr=None)

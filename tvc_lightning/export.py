@@ -86,7 +86,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
     """
     from transformers import AutoConfig
 
-    from tvc_lightning.families import family_of
+    from tvc_lightning.families import family_at
 
     target = resolve_dtype(dtype)
     ckpt = _lightning_checkpoint(Path(checkpoint), target)
@@ -103,9 +103,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
     if not state:
         raise ValueError(f"{checkpoint}: no '{_PREFIX}*' weights in its state_dict")
     base = resolve_checkpoint_path(base, "--base-model (or the checkpoint's model_name_or_path)")
+    family = family_at(base)  # an unsupported family fails here, naming the base's config.json
     config = AutoConfig.from_pretrained(base)
     with torch.device("meta"):
-        model = family_of(config).model_class()(config)
+        model = family.model_class()(config)
     model.load_state_dict(state, strict=True, assign=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,11 +39,13 @@ def build_on_meta(path: str | Path, dtype: torch.dtype, attn_implementation: str
     """The model of checkpoint ``path`` with every parameter on the meta device (no memory)."""
     from transformers import AutoConfig
 
-    from tvc_lightning.families import family_of
+    from tvc_lightning.families import family_at
 
-    config = AutoConfig.from_pretrained(resolve_checkpoint_path(path))
+    path = resolve_checkpoint_path(path)
+    family = family_at(path)  # an unsupported family fails here, naming the config.json
+    config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
-        return family_of(config).model_class()._from_config(
+        return family.model_class()._from_config(
             config, dtype=dtype, attn_implementation=attn_implementation
         )
 

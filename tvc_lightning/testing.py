@@ -39,10 +39,11 @@ SPECIAL_TOKENS = [
 
 # The chat template of Qwen2-VL-Instruct (system prompt, images as vision_start/pad/end, im_start
 # turns). Written out here so the tiny tokenizer formats conversations exactly like the real one.
+_DEFAULT_SYSTEM_TURN = ("{% if loop.first and message['role'] != 'system' %}"
+                        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}")
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}" + _DEFAULT_SYSTEM_TURN +
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
@@ -55,6 +56,8 @@ CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen3-VL-Instruct's template, as far as images and text go: no system turn unless one is given.
+CHAT_TEMPLATE_NO_DEFAULT_SYSTEM = CHAT_TEMPLATE.replace(_DEFAULT_SYSTEM_TURN, "")
 
 # A fixed corpus so the BPE merges (and therefore every token id) are identical on every machine.
 _CORPUS = [
@@ -167,9 +170,11 @@ def build_tiny_processor(min_pixels: int = 56 * 56, max_pixels: int = 224 * 224,
     # Pixel limits are in units of a merged token's area: keep the same token counts per family.
     scale = (settings.get("patch_size", 14) / 14) ** 2
     tokenizer = build_tiny_tokenizer()
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=int(min_pixels * scale),
-                                               max_pixels=int(max_pixels * scale), **settings)
-    return ImageOnlyQwenVLProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE,
+    template = CHAT_TEMPLATE if adapter.default_system_prompt else CHAT_TEMPLATE_NO_DEFAULT_SYSTEM
+    tokenizer.chat_template = template
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=round(min_pixels * scale),
+                                               max_pixels=round(max_pixels * scale), **settings)
+    return ImageOnlyQwenVLProcessor(image_processor, tokenizer, chat_template=template,
                                      family=adapter)
 
 
@@ -238,6 +243,10 @@ def save_tiny(out_dir: str | Path, family: str = "qwen2_vl", seed: int = 0, **si
     out = Path(out_dir)
     marker = out / "tiny_qwen2vl.json"
     if marker.exists():
+        found = json.loads(marker.read_text()).get("family", "qwen2_vl")
+        if found != family:
+            raise FileExistsError(f"{out} holds a tiny {found} checkpoint, not {family}: remove it "
+                                  "or choose another directory")
         return out
     model, processor = tiny_model(family, seed=seed, **sizes)
     out.mkdir(parents=True, exist_ok=True)

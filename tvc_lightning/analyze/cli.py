@@ -27,6 +27,7 @@ from jsonargparse import ArgumentParser, Namespace
 
 from tvc_lightning.data.tokenize import ChatFormat
 from tvc_lightning.evaluate.cli import add_checkpoint_arguments, add_decoding_arguments
+from tvc_lightning.families import family_of
 from tvc_lightning.pvc import PVCConfig
 
 COMMANDS = ("forgetting", "removal")
@@ -142,8 +143,9 @@ def run(command: str, argv: list[str]) -> dict[str, Any]:
     else:
         check_grid(args.grid)
     out = Path(args.out)
-    chat = ChatFormat(system_prompt=args.system_prompt, question_suffix=args.question_suffix)
     model, processor = load_model_and_processor(args)
+    chat = ChatFormat.for_family(family_of(model), args.system_prompt,
+                                 question_suffix=args.question_suffix)
     samples = load_samples(args.data, args.limit, processor)
     if command == "forgetting":
         result = analyze_forgetting(model, processor, samples, config, out, args.modes, args.bins,

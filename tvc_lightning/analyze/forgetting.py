@@ -29,6 +29,7 @@ import torch
 
 from tvc_lightning.analyze.plots import curve_rows, forgetting_figure, save_png
 from tvc_lightning.data.tokenize import ChatFormat
+from tvc_lightning.families import family_of
 from tvc_lightning.pvc import PVCConfig, PVCResult, pvc_generate
 from tvc_lightning.pvc.attention import forgetting_curve
 
@@ -106,7 +107,7 @@ def analyze_forgetting(model: Any, processor: Any, samples: list[tuple[Any, list
     if not samples:
         raise ValueError("--data: no usable samples to analyze")
     configs = mode_configs(config, list(modes or MODES))
-    chat = chat or ChatFormat()
+    chat = chat or ChatFormat.for_family(family_of(model))
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "forgetting.csv", "curve": out / "forgetting_curve.csv",
              "png": out / "forgetting.png"}

@@ -35,6 +35,7 @@ from typing import Any
 from tvc_lightning.analyze.forgetting import decode
 from tvc_lightning.analyze.plots import removal_figure, save_png
 from tvc_lightning.data.tokenize import ChatFormat
+from tvc_lightning.families import family_of
 from tvc_lightning.pvc import PVCConfig
 from tvc_lightning.scoring import score_record
 
@@ -73,7 +74,7 @@ def analyze_removal(model: Any, processor: Any, samples: list[tuple[Any, list[An
     grid = check_grid(list(DEFAULT_GRID if grid is None else grid))
     if not samples:
         raise ValueError("--data: no usable samples to analyze")
-    chat = chat or ChatFormat()
+    chat = chat or ChatFormat.for_family(family_of(model))
     plain = replace(config, max_calibrations=0)  # removal only: nothing is re-injected
     out.mkdir(parents=True, exist_ok=True)
     base = decode(model, processor, samples, plain, chat, batch_size)

@@ -143,7 +143,7 @@ class TVCDataModule(L.LightningDataModule):
             self.processor = processor
             self.encoder = SampleEncoder(
                 processor, max_length=self.max_length, dvr=self.dvr,
-                chat=ChatFormat(question_suffix=self.question_suffix),
+                chat=ChatFormat.for_family(processor.family, question_suffix=self.question_suffix),
             )
             pad = processor.tokenizer.pad_token_id
             self.collator = (PackingCollator(pad, self.max_length, self.pad_to_multiple_of)

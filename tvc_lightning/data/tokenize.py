@@ -27,7 +27,7 @@ from PIL import Image
 from tvc_lightning.data.dvr import DEFAULT_POOL_KERNEL, DVRTransform, Injection
 from tvc_lightning.data.schema import IMAGE_PLACEHOLDER, SampleRecord, response_turn
 from tvc_lightning.data.shards import SkipSample
-from tvc_lightning.families import Qwen2VL
+from tvc_lightning.families import ModelFamily, Qwen2VL
 from tvc_lightning.vision import merged_grids, pooled_grid
 
 IGNORE_INDEX = -100
@@ -46,13 +46,28 @@ def special_token_pattern(tokenizer: Any) -> re.Pattern[str]:
 
 @dataclass
 class ChatFormat:
-    """Qwen2-VL chat markers; the defaults are Qwen2-VL-Instruct's."""
+    """Qwen VL chat markers; the defaults are Qwen2-VL-Instruct's (:meth:`for_family`: a family's).
 
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    ``system_prompt`` None writes no system turn (Qwen3-VL's template adds none by default).
+    """
+
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     question_suffix: str = ""
     image_token: str = "<|image_pad|>"
     vision_start: str = "<|vision_start|>"
     vision_end: str = "<|vision_end|>"
+
+    @classmethod
+    def for_family(cls, family: type[ModelFamily], system_prompt: str | None = None,
+                   **kwargs: Any) -> ChatFormat:
+        """The format of ``family``'s chat template: ``system_prompt`` None means the family's
+        default system turn (Qwen2-VL and Qwen2.5-VL: "You are a helpful assistant."; Qwen3-VL:
+        none)."""
+        system = family.default_system_prompt if system_prompt is None else system_prompt
+        return cls(system_prompt=system, **kwargs)
+
+    def system_turn(self, system: str | None) -> str:
+        return "" if system is None else f"<|im_start|>system\n{system}<|im_end|>\n"
 
     def image(self, n_tokens: int) -> str:
         return self.vision_start + self.image_token * n_tokens + self.vision_end
@@ -61,8 +76,8 @@ class ChatFormat:
         """Everything before the assistant's first token (``...<|im_start|>assistant\\n``)."""
         images = "".join(self.image(n) for n in image_tokens)
         return (
-            f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n"
-            f"<|im_start|>user\n{images}{question}{self.question_suffix}<|im_end|>\n"
+            self.system_turn(self.system_prompt)
+            + f"<|im_start|>user\n{images}{question}{self.question_suffix}<|im_end|>\n"
             "<|im_start|>assistant\n"
         )
 
@@ -90,11 +105,12 @@ class SampleEncoder:
         self.merge_size = int(self.image_processor.merge_size)
         self.max_length = max_length
         self.dvr = dvr
-        self.chat = chat or ChatFormat()
+        # load_processor's processor knows its model family; a plain HF one is taken as Qwen2-VL's
+        # (the image positions are the same rule in every Qwen VL family).
+        family = getattr(processor, "family", None) or Qwen2VL
+        self.chat = chat or ChatFormat.for_family(family)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.chat.image_token)
-        # load_processor's processor knows its model family; a plain HF one is positioned by the
-        # rule all Qwen VL families share for images.
-        self.positions = (getattr(processor, "family", None) or Qwen2VL).positions
+        self.positions = family.positions
         if not self.tokenizer.is_fast:
             raise ValueError("SampleEncoder needs a fast tokenizer (it reads token offsets)")
         self._special = special_token_pattern(self.tokenizer)
@@ -220,7 +236,7 @@ class SampleEncoder:
         bridge (inserted here); a plan never lands on a stored point (see ``DVRTransform``).
         """
         system = self.chat.system_prompt if record.system is None else record.system
-        text = f"<|im_start|>system\n{system}<|im_end|>\n"
+        text = self.chat.system_turn(system)
         segments: list[tuple[int, int]] = []
         targets: list[tuple[int, int]] = []
         k = self.pool_kernel

@@ -19,7 +19,6 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from tvc_lightning.data.tokenize import ChatFormat
 from tvc_lightning.evaluate.benchmarks import BENCHMARKS
 from tvc_lightning.evaluate.run import EvalSettings, evaluate
 from tvc_lightning.pvc import PVCConfig
@@ -38,8 +37,9 @@ def add_checkpoint_arguments(p: ArgumentParser) -> None:
 def add_decoding_arguments(p: ArgumentParser) -> None:
     """How it decodes: prompt, image limits, dtype, device, attention kernel and ``--generation.*``
     (the PVC settings; plain decoding is the same with max_calibrations 0) (evaluate, analyze)."""
-    p.add_argument("--system_prompt", type=str, default=ChatFormat.system_prompt,
-                   help="chat system prompt")
+    p.add_argument("--system_prompt", type=str, default=None,
+                   help="chat system prompt (default: the model family's: Qwen2-VL and Qwen2.5-VL "
+                        "'You are a helpful assistant.', Qwen3-VL none)")
     p.add_argument("--question_suffix", type=str, default="",
                    help="appended to every question (as the training config's data.question_suffix; "
                         "TVC: a long-chain reasoning instruction)")

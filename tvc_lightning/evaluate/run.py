@@ -29,6 +29,7 @@ from tvc_lightning.evaluate.benchmarks import Benchmark, EvalItem, load_benchmar
 from tvc_lightning.evaluate.formats import write_outputs
 from tvc_lightning.evaluate.judge import Judge
 from tvc_lightning.evaluate.progress import ProgressWriter, check_run_settings, read_done
+from tvc_lightning.families import family_at, family_of
 from tvc_lightning.predict import skip_reason
 from tvc_lightning.pvc import PVCConfig, pvc_generate
 
@@ -50,7 +51,7 @@ class EvalSettings:
     batch_size: int = 8
     limit: int | None = None
     allow_missing_images: bool = False
-    system_prompt: str = ChatFormat.system_prompt
+    system_prompt: str | None = None  # None: the model family's default system turn
     question_suffix: str = ""
     min_pixels: int | None = None
     max_pixels: int | None = None
@@ -149,10 +150,9 @@ def load_for_eval(checkpoint: str, base_model: str | None, dtype: str,
         raise ValueError(f"--checkpoint {checkpoint}: no '{_PREFIX}*' weights in its state_dict")
     # from_pretrained with our weights (not a meta build + load_state_dict): it also computes the
     # non-persistent buffers (rotary frequencies) that no checkpoint holds.
-    from tvc_lightning.families import family_of
-
+    family = family_at(base)  # an unsupported family fails here, naming the base's config.json
     config = AutoConfig.from_pretrained(base)
-    model, info = family_of(config).model_class().from_pretrained(
+    model, info = family.model_class().from_pretrained(
         None, config=config, state_dict=state, dtype=target,
         attn_implementation=attn_implementation, output_loading_info=True)
     # The base's end-of-turn tokens and sampling defaults, as validation and export use them
@@ -325,7 +325,7 @@ def _decode_and_finish(s: EvalSettings, rank: int, world: int, started: float, o
     model, processor_dir = load_for_eval(s.checkpoint, s.base_model, dtype, s.attn_implementation)
     model.to(device).eval()
     processor = load_processor(processor_dir, s.min_pixels, s.max_pixels)
-    chat = ChatFormat(system_prompt=s.system_prompt, question_suffix=s.question_suffix)
+    chat = ChatFormat.for_family(family_of(model), s.system_prompt, question_suffix=s.question_suffix)
     pattern = special_token_pattern(processor.tokenizer)
     configs = {"pvc": s.generation}
     if s.compare_plain:

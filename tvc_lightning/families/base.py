@@ -46,6 +46,8 @@ class ModelFamily:
     image_processor_settings: ClassVar[dict[str, Any]] = {}
     #: Parameter-name prefixes of the vision tower with its merger(s): TVC freezes them.
     vision_prefixes: ClassVar[tuple[str, ...]] = ("visual",)
+    #: The system turn the family's chat template writes when none is given (None: no turn).
+    default_system_prompt: ClassVar[str | None] = "You are a helpful assistant."
     #: Special tokens of the chat format (the same strings across the Qwen VL families).
     vision_start: ClassVar[str] = "<|vision_start|>"
     vision_end: ClassVar[str] = "<|vision_end|>"

@@ -29,6 +29,7 @@ class Qwen3VL(ModelFamily):
                                 "image_std": [0.5, 0.5, 0.5]}
     mrope_interleaved = True
     rope_scaling_key = False
+    default_system_prompt = None  # Qwen3-VL's template writes no system turn unless given one
 
     @staticmethod
     def features_of(tower_output: Any) -> torch.Tensor:

@@ -406,6 +406,7 @@ def pvc_generate(
         raise ValueError(f"hide_image_at entries must be None or ints >= 0, got {hide_image_at}")
     if any(not imgs for imgs in images):
         raise ValueError("every question needs at least one image")
-    decoder = _Decoder(model, processor, config or PVCConfig(), chat or ChatFormat(), recompute,
+    chat = chat or ChatFormat.for_family(family_of(model))
+    decoder = _Decoder(model, processor, config or PVCConfig(), chat, recompute,
                        triggers, sync, measure_attention)
     return decoder.run(questions, images, list(hide_image_at))
