@@ -79,6 +79,57 @@ def test_fit_validate_export_through_the_cli(family_workdir, tmp_path):
     torch.testing.assert_close(theirs, ours)
 
 
+@pytest.mark.parametrize("family", NEWER)
+def test_fsdp2_shards_trains_and_decodes_in_step(family, tmp_path):
+    """Sharded per block (Qwen3-VL's DeepStack mergers with the tower): each rank's loss and its
+    PVC decode (rank 0 calibrating while rank 1 idles in step) equal one process's."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import assert_ranks_decoded_as_one_process
+    from tvc_lightning.hf import load_model, load_processor
+
+    root = Path(__file__).resolve().parents[1]
+    checkpoint = save_tiny(tmp_path / "model", family, seed=0)
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29521", str(root / "tests" / "fsdp_family_worker.py"),
+         str(checkpoint), str(tmp_path)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for seen in ranks:
+        assert seen["loss"] == pytest.approx(seen["reference_loss"], rel=1e-5)
+    assert_ranks_decoded_as_one_process(ranks, load_model(checkpoint), load_processor(checkpoint))
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_family):
+    """DeepStack adds its levels between checkpointed decoder layers: nothing changes."""
+    import copy
+
+    from tests.conftest import rank_batch
+    from tvc_lightning.module import TVCModule
+
+    model, processor = tiny_family
+    model = copy.deepcopy(model).train()
+    batch = rank_batch(processor, 1)
+
+    def loss_and_grads():
+        module = TVCModule(model_name_or_path="unused", freeze=[])
+        module.model = model
+        loss, _ = module.summed_loss(batch)
+        return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+    plain = loss_and_grads()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = loss_and_grads()
+    torch.testing.assert_close(plain[0], checkpointed[0])
+    for a, b in zip(plain[1], checkpointed[1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_family_is_read_from_config_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(ValueError, match=r"config\.json.*'llava'.*qwen2_5_vl, qwen2_vl, qwen3_vl"):

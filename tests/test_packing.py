@@ -65,11 +65,12 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
 
 
 @pytest.fixture(scope="module")
-def fp64(tiny):
+def fp64(tiny_family):
+    """Every family's tiny model in fp64 (Qwen3-VL: DeepStack inputs over the packed layout)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(VARLEN, _varlen_attention)
-    model, processor = tiny
+    model, processor = tiny_family
     return copy.deepcopy(model).double(), processor
 
 
