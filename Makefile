@@ -67,10 +67,10 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pytest -q
 
 # Plain SFT vs DVR x plain vs PVC decoding on synth's late_lookup task, on CPU (~35 min on 2 cores):
-# writes outputs/evidence/, docs/evidence.md and docs/evidence/copy_*.png (VARIANT=arithmetic:
-# docs/evidence_arithmetic.md). A rerun continues where it stopped; rm -rf outputs/evidence to
-# start afresh (or to run the other variant).
-VARIANT ?= copy
+# writes outputs/evidence/, docs/evidence.md and docs/evidence/repeat_*.png (VARIANT=copy or
+# arithmetic: docs/evidence_VARIANT.md, the configurations tried before). A rerun continues where
+# it stopped; rm -rf outputs/evidence to start afresh (or to run another variant).
+VARIANT ?= repeat
 evidence: venv
 	$(PY) -m tvc_lightning.analyze.evidence --variant $(VARIANT)
 

@@ -20,6 +20,11 @@ exactly 2 x 2 merged visual tokens, i.e. one token of a copy pooled with kernel 
 still shows every cell. Its one reflection sentence, "Let me check that cell in the image.", opens the
 lookup, so DVR's injection and PVC's reflection trigger both put the copy right before it.
 
+``detour="repeat"`` keeps every text dependency short: the question names the cell and a number
+N, and the chain restates the target N times, each sentence copying it from the one before and
+counting on ("Check 7 of 32: row 2, column 3."), then looks it up on the same aligned 3 x 3 grid
+with the same reflection sentence. The only long-range dependency left is the image itself.
+
 Every sample comes from its own generator seeded by ``(seed, split, index)`` (deterministic,
 independent of how many are generated); images are PNG, drawn with PIL without anti-aliasing
 inside the cells, so every cell pixel has exactly its palette colour.
@@ -56,7 +61,7 @@ CHECKS = (
     "Hmm, let me verify that product.",
 )
 MODULI = (97, 101, 103, 107, 109, 113, 127)
-DETOURS = ("arithmetic", "copy")
+DETOURS = ("arithmetic", "copy", "repeat")
 # Words the copy detour lists: no colour, each a word of the tiny tokenizer's corpus.
 WORDS = ("circle", "square", "triangle", "bar", "angle", "side", "segment", "area", "point",
          "label", "count", "total", "left", "right", "top", "bottom", "shape", "step")
@@ -223,22 +228,51 @@ def copy_response(words: list[str], grid: Grid, row: int, col: int) -> str:
     return " ".join(out)
 
 
+def repeat_question(checks: int, grid: Grid, row: int, col: int) -> str:
+    answers = ", ".join(PALETTE)
+    return (
+        f"The image shows a grid of coloured cells with {grid.rows} rows, numbered 1 to "
+        f"{grid.rows} from the top, and {grid.cols} columns, numbered 1 to {grid.cols} from the "
+        f"left. The target is the cell in row {row + 1}, column {col + 1}. Restate the target "
+        f"{checks} times, then tell me the colour of the target cell. Answer with one of: "
+        f"{answers}."
+    )
+
+
+def repeat_response(checks: int, grid: Grid, row: int, col: int) -> str:
+    """The chain: the target restated ``checks`` times (no colour named), the lookup last."""
+    target = f"row {row + 1}, column {col + 1}"
+    out = [f"I will restate the target {checks} times, then read the cell from the image."]
+    out += [f"Check {k} of {checks}: {target}." for k in range(1, checks + 1)]
+    colour = grid.colours[row][col]
+    out += [f"That was the last check. So I need the cell in {target}.",
+            "Let me check that cell in the image.",
+            LOOKUP.format(row=row + 1, col=col + 1, colour=colour),
+            f"The final answer is \\boxed{{{colour}}}."]
+    return " ".join(out)
+
+
 def make_sample(seed: int, split: str, index: int, image_size: int = 224,
                 detour_steps: int = 10, detour: str = "arithmetic",
                 ) -> tuple[str, SampleRecord, Image.Image, Grid, Detour | list[str]]:
     """Sample ``index`` of ``split``: ``(key, record, image, grid, detour)``; the detour is the
-    arithmetic or (``detour="copy"``) the list of words copied."""
+    arithmetic, the list of words copied (``copy``) or ``[N]`` (``repeat``)."""
     if detour not in DETOURS:
         raise ValueError(f"detour must be one of {DETOURS}, got {detour!r}")
     rng = random.Random(f"late:{seed}:{split}:{index}" + ("" if detour == "arithmetic" else f":{detour}"))
     key = f"late-{split}-{index:06d}"
-    if detour == "copy":
+    if detour in ("copy", "repeat"):
         grid = make_aligned_grid(rng, image_size)
         row, col = rng.randrange(3), rng.randrange(3)
         low = max(1, detour_steps - detour_steps // 4)
-        words = [rng.choice(WORDS) for _ in range(rng.randint(low, detour_steps + detour_steps // 4))]
-        question, response, what = (copy_question(words, grid, row, col),
-                                    copy_response(words, grid, row, col), words)
+        n = rng.randint(low, detour_steps + detour_steps // 4)
+        if detour == "copy":
+            words = [rng.choice(WORDS) for _ in range(n)]
+            question, response, what = (copy_question(words, grid, row, col),
+                                        copy_response(words, grid, row, col), words)
+        else:
+            question, response, what = (repeat_question(n, grid, row, col),
+                                        repeat_response(n, grid, row, col), [str(n)])
     else:
         grid = make_grid(rng, image_size)
         arithmetic = make_detour(rng, detour_steps)

@@ -9,6 +9,7 @@ import re
 import tarfile
 from collections import Counter, defaultdict
 
+import pytest
 from PIL import Image
 
 from data_engine.__main__ import main as data_engine_main
@@ -123,12 +124,16 @@ def test_default_task_is_unchanged(tmp_path):
 
 # --- the copy detour: a list copied out, then the lookup ----------------------------------------
 
-def _copy_samples(split: str, n: int, steps: int = 40):
-    return [make_sample(0, split, i, image_size=168, detour_steps=steps, detour="copy")
+STEPS = {"copy": 40, "repeat": 14}
+
+
+def _copy_samples(split: str, n: int, detour: str = "copy"):
+    return [make_sample(0, split, i, image_size=168, detour_steps=STEPS[detour], detour=detour)
             for i in range(n)]
 
 
-def test_copy_detour_aligns_cells_with_pooled_tokens_and_names_no_colour_early():
+@pytest.mark.parametrize("detour", ["copy", "repeat"])
+def test_copy_detour_aligns_cells_with_pooled_tokens_and_names_no_colour_early(detour):
     """168 px, 3 x 3: every 56-px cell is 2 x 2 merged tokens (28 px each), so a copy pooled with
     kernel 2 has one token per cell; the question names the cell, the chain copies the list and
     names no colour before the lookup."""
@@ -137,7 +142,7 @@ def test_copy_detour_aligns_cells_with_pooled_tokens_and_names_no_colour_early()
     from tvc_lightning.testing import build_tiny_processor
 
     processor = build_tiny_processor(max_pixels=168 * 168)
-    for _, record, image, grid, words in _copy_samples("train", 30):
+    for _, record, image, grid, words in _copy_samples("train", 30, detour):
         assert image.size == (168, 168) and (grid.rows, grid.cols, grid.cell) == (3, 3, 56)
         pixels = np.asarray(image)
         for r in range(3):
@@ -146,22 +151,30 @@ def test_copy_detour_aligns_cells_with_pooled_tokens_and_names_no_colour_early()
                 assert (cell == PALETTE[grid.colours[r][c]]).all()
         row, col = next((r, c) for r in range(3) for c in range(3)
                         if f"row {r + 1}, column {c + 1}." in record.question)
+        target = f"row {row + 1}, column {col + 1}"
         lookup = LOOKUP.format(row=row + 1, col=col + 1, colour=record.answer)
         before, found, _ = record.response.partition(lookup)
         assert found and record.answer == grid.colours[row][col]
         assert COLOUR_WORD.search(before) is None
         assert COLOUR_WORD.search(record.question.replace(ANSWER_LIST, "")) is None
-        assert all(f"Item {k} is {w}." in before for k, w in enumerate(words, start=1))
-        assert 30 <= len(words) <= 50
+        if detour == "copy":
+            assert all(f"Item {k} is {w}." in before for k, w in enumerate(words, start=1))
+            assert 30 <= len(words) <= 50
+        else:  # each check restates the target and counts on from the one before
+            (n,) = map(int, words)
+            assert 11 <= n <= 17 and f"Restate the target {n} times" in record.question
+            assert all(f"Check {k} of {n}: {target}." in before for k in range(1, n + 1))
+            assert f"Check {n + 1} " not in before
         assert score_record(record.response, record) == (record.answer, True)
     grid_thw = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
     assert grid_thw.tolist() == [[1, 12, 12]]  # 6 x 6 merged tokens
-    assert make_sample(0, "val", 0, 168, 40, "copy")[1] == _copy_samples("val", 1)[0][1]
+    assert make_sample(0, "val", 0, 168, STEPS[detour], detour)[1] == _copy_samples("val", 1, detour)[0][1]
     # The arithmetic variant's samples are those it always had (seeded as before).
     assert make_sample(0, "val", 0)[1] == make_sample(0, "val", 0, detour="arithmetic")[1]
 
 
-def test_copy_detour_puts_dvr_and_pvc_at_the_lookup():
+@pytest.mark.parametrize("detour", ["copy", "repeat"])
+def test_copy_detour_puts_dvr_and_pvc_at_the_lookup(detour):
     """The chain's only reflection sentence opens the lookup: DVR's one candidate point is there,
     and PVC's reflection trigger fires on it (and nowhere earlier in the chain)."""
     from tvc_lightning.data.dvr import DVRTransform
@@ -172,7 +185,7 @@ def test_copy_detour_puts_dvr_and_pvc_at_the_lookup():
     dvr = DVRTransform(p=1.0, max_injections=1, pool_kernel=2)
     tok = build_tiny_tokenizer()
     detector = TriggerDetector(PVCConfig(max_calibrations=1, min_gap=64), tok)
-    for _, record, *_ in _copy_samples("val", 5):
+    for _, record, *_ in _copy_samples("val", 5, detour):
         lookup_at = record.response.index("Let me check that cell in the image.")
         assert dvr.candidates(record.response) == [lookup_at]
         ids = tok(record.response, add_special_tokens=False)["input_ids"]
@@ -186,8 +199,9 @@ def test_copy_detour_puts_dvr_and_pvc_at_the_lookup():
         assert kept.rstrip() == record.response[:lookup_at].rstrip()
 
 
-def test_copy_detour_text_only_baseline_is_near_chance():
-    train, val = _copy_samples("train", 500), _copy_samples("val", 500)
+@pytest.mark.parametrize("detour", ["copy", "repeat"])
+def test_copy_detour_text_only_baseline_is_near_chance(detour):
+    train, val = _copy_samples("train", 500, detour), _copy_samples("val", 500, detour)
     answers = Counter(s[1].answer for s in train)
     best = answers.most_common(1)[0][0]
     assert sum(s[1].answer == best for s in val) / len(val) <= 0.15
