@@ -24,6 +24,9 @@ lookup, so DVR's injection and PVC's reflection trigger both put the copy right 
 N, and the chain restates the target N times, each sentence copying it from the one before and
 counting on ("Check 7 of 32: row 2, column 3."), then looks it up on the same aligned 3 x 3 grid
 with the same reflection sentence. The only long-range dependency left is the image itself.
+``detour="survey"`` is ``repeat`` whose lookup reads every cell in order ("The cell in row 1,
+column 1 is red. ...") before naming the target's colour: nine visual reads per sample instead of
+one, for a model that has to learn reading the image from a few thousand samples.
 
 Every sample comes from its own generator seeded by ``(seed, split, index)`` (deterministic,
 independent of how many are generated); images are PNG, drawn with PIL without anti-aliasing
@@ -61,7 +64,7 @@ CHECKS = (
     "Hmm, let me verify that product.",
 )
 MODULI = (97, 101, 103, 107, 109, 113, 127)
-DETOURS = ("arithmetic", "copy", "repeat")
+DETOURS = ("arithmetic", "copy", "repeat", "survey")
 # Words the copy detour lists: no colour, each a word of the tiny tokenizer's corpus.
 WORDS = ("circle", "square", "triangle", "bar", "angle", "side", "segment", "area", "point",
          "label", "count", "total", "left", "right", "top", "bottom", "shape", "step")
@@ -239,16 +242,22 @@ def repeat_question(checks: int, grid: Grid, row: int, col: int) -> str:
     )
 
 
-def repeat_response(checks: int, grid: Grid, row: int, col: int) -> str:
-    """The chain: the target restated ``checks`` times (no colour named), the lookup last."""
+def repeat_response(checks: int, grid: Grid, row: int, col: int, survey: bool = False) -> str:
+    """The chain: the target restated ``checks`` times (no colour named), the lookup last (with
+    ``survey``: every cell read in order, then the target's colour)."""
     target = f"row {row + 1}, column {col + 1}"
     out = [f"I will restate the target {checks} times, then read the cell from the image."]
     out += [f"Check {k} of {checks}: {target}." for k in range(1, checks + 1)]
     colour = grid.colours[row][col]
     out += [f"That was the last check. So I need the cell in {target}.",
-            "Let me check that cell in the image.",
-            LOOKUP.format(row=row + 1, col=col + 1, colour=colour),
-            f"The final answer is \\boxed{{{colour}}}."]
+            "Let me check that cell in the image."]
+    if survey:
+        out += [LOOKUP.format(row=r + 1, col=c + 1, colour=grid.colours[r][c])
+                for r in range(grid.rows) for c in range(grid.cols)]
+        out.append(f"So the target cell, in {target}, is {colour}.")
+    else:
+        out.append(LOOKUP.format(row=row + 1, col=col + 1, colour=colour))
+    out.append(f"The final answer is \\boxed{{{colour}}}.")
     return " ".join(out)
 
 
@@ -256,12 +265,12 @@ def make_sample(seed: int, split: str, index: int, image_size: int = 224,
                 detour_steps: int = 10, detour: str = "arithmetic",
                 ) -> tuple[str, SampleRecord, Image.Image, Grid, Detour | list[str]]:
     """Sample ``index`` of ``split``: ``(key, record, image, grid, detour)``; the detour is the
-    arithmetic, the list of words copied (``copy``) or ``[N]`` (``repeat``)."""
+    arithmetic, the list of words copied (``copy``) or ``[N]`` (``repeat``, ``survey``)."""
     if detour not in DETOURS:
         raise ValueError(f"detour must be one of {DETOURS}, got {detour!r}")
     rng = random.Random(f"late:{seed}:{split}:{index}" + ("" if detour == "arithmetic" else f":{detour}"))
     key = f"late-{split}-{index:06d}"
-    if detour in ("copy", "repeat"):
+    if detour in ("copy", "repeat", "survey"):
         grid = make_aligned_grid(rng, image_size)
         row, col = rng.randrange(3), rng.randrange(3)
         low = max(1, detour_steps - detour_steps // 4)
@@ -272,7 +281,8 @@ def make_sample(seed: int, split: str, index: int, image_size: int = 224,
                                         copy_response(words, grid, row, col), words)
         else:
             question, response, what = (repeat_question(n, grid, row, col),
-                                        repeat_response(n, grid, row, col), [str(n)])
+                                        repeat_response(n, grid, row, col, detour == "survey"),
+                                        [str(n)])
     else:
         grid = make_grid(rng, image_size)
         arithmetic = make_detour(rng, detour_steps)

@@ -124,7 +124,8 @@ def test_default_task_is_unchanged(tmp_path):
 
 # --- the copy detour: a list copied out, then the lookup ----------------------------------------
 
-STEPS = {"copy": 40, "repeat": 14}
+STEPS = {"copy": 40, "repeat": 14, "survey": 8}
+REFLECTION = "Let me check that cell in the image."
 
 
 def _copy_samples(split: str, n: int, detour: str = "copy"):
@@ -132,7 +133,7 @@ def _copy_samples(split: str, n: int, detour: str = "copy"):
             for i in range(n)]
 
 
-@pytest.mark.parametrize("detour", ["copy", "repeat"])
+@pytest.mark.parametrize("detour", ["copy", "repeat", "survey"])
 def test_copy_detour_aligns_cells_with_pooled_tokens_and_names_no_colour_early(detour):
     """168 px, 3 x 3: every 56-px cell is 2 x 2 merged tokens (28 px each), so a copy pooled with
     kernel 2 has one token per cell; the question names the cell, the chain copies the list and
@@ -153,8 +154,9 @@ def test_copy_detour_aligns_cells_with_pooled_tokens_and_names_no_colour_early(d
                         if f"row {r + 1}, column {c + 1}." in record.question)
         target = f"row {row + 1}, column {col + 1}"
         lookup = LOOKUP.format(row=row + 1, col=col + 1, colour=record.answer)
-        before, found, _ = record.response.partition(lookup)
-        assert found and record.answer == grid.colours[row][col]
+        assert lookup in record.response and record.answer == grid.colours[row][col]
+        before, found, after = record.response.partition(REFLECTION)
+        assert found
         assert COLOUR_WORD.search(before) is None
         assert COLOUR_WORD.search(record.question.replace(ANSWER_LIST, "")) is None
         if detour == "copy":
@@ -162,9 +164,15 @@ def test_copy_detour_aligns_cells_with_pooled_tokens_and_names_no_colour_early(d
             assert 30 <= len(words) <= 50
         else:  # each check restates the target and counts on from the one before
             (n,) = map(int, words)
-            assert 11 <= n <= 17 and f"Restate the target {n} times" in record.question
+            low, high = (11, 17) if detour == "repeat" else (6, 10)
+            assert low <= n <= high and f"Restate the target {n} times" in record.question
             assert all(f"Check {k} of {n}: {target}." in before for k in range(1, n + 1))
             assert f"Check {n + 1} " not in before
+        if detour == "survey":  # every cell read in order, then the target's colour
+            reads = [LOOKUP.format(row=r + 1, col=c + 1, colour=grid.colours[r][c])
+                     for r in range(3) for c in range(3)]
+            assert " ".join(reads) in after
+            assert f"So the target cell, in {target}, is {record.answer}." in after
         assert score_record(record.response, record) == (record.answer, True)
     grid_thw = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
     assert grid_thw.tolist() == [[1, 12, 12]]  # 6 x 6 merged tokens
@@ -173,7 +181,7 @@ def test_copy_detour_aligns_cells_with_pooled_tokens_and_names_no_colour_early(d
     assert make_sample(0, "val", 0)[1] == make_sample(0, "val", 0, detour="arithmetic")[1]
 
 
-@pytest.mark.parametrize("detour", ["copy", "repeat"])
+@pytest.mark.parametrize("detour", ["copy", "repeat", "survey"])
 def test_copy_detour_puts_dvr_and_pvc_at_the_lookup(detour):
     """The chain's only reflection sentence opens the lookup: DVR's one candidate point is there,
     and PVC's reflection trigger fires on it (and nowhere earlier in the chain)."""
@@ -186,7 +194,7 @@ def test_copy_detour_puts_dvr_and_pvc_at_the_lookup(detour):
     tok = build_tiny_tokenizer()
     detector = TriggerDetector(PVCConfig(max_calibrations=1, min_gap=64), tok)
     for _, record, *_ in _copy_samples("val", 5, detour):
-        lookup_at = record.response.index("Let me check that cell in the image.")
+        lookup_at = record.response.index(REFLECTION)
         assert dvr.candidates(record.response) == [lookup_at]
         ids = tok(record.response, add_special_tokens=False)["input_ids"]
         fired = [(n, t) for n in range(1, len(ids) + 1)
@@ -199,7 +207,7 @@ def test_copy_detour_puts_dvr_and_pvc_at_the_lookup(detour):
         assert kept.rstrip() == record.response[:lookup_at].rstrip()
 
 
-@pytest.mark.parametrize("detour", ["copy", "repeat"])
+@pytest.mark.parametrize("detour", ["copy", "repeat", "survey"])
 def test_copy_detour_text_only_baseline_is_near_chance(detour):
     train, val = _copy_samples("train", 500, detour), _copy_samples("val", 500, detour)
     answers = Counter(s[1].answer for s in train)

@@ -1,7 +1,7 @@
 """The evidence run on CPU: plain SFT vs DVR, each decoded plainly and with PVC, on ``late_lookup``.
 
-``python -m tvc_lightning.analyze.evidence [--variant repeat|copy|arithmetic]`` (``make
-evidence``, or ``make evidence VARIANT=copy``) does, under ``outputs/evidence/``:
+``python -m tvc_lightning.analyze.evidence [--variant survey|repeat|copy|arithmetic]`` (``make
+evidence``, or ``make evidence VARIANT=repeat``) does, under ``outputs/evidence/``:
 
 1. a small random Qwen2-VL checkpoint (``model/``, :data:`MODEL_SIZES`) and ``synth --task
    late_lookup`` shards (``data/train``, ``data/val``, the variant's sizes in :data:`VARIANTS`),
@@ -10,15 +10,15 @@ evidence``, or ``make evidence VARIANT=copy``) does, under ``outputs/evidence/``
    steps and seeds; only ``data.dvr.p`` differs), side by side, one CPU thread each;
 3. ``evaluate --benchmark shards --compare_plain true`` of both checkpoints on ``data/val``;
 4. ``analyze forgetting`` and ``analyze removal`` of both;
-5. bootstrap intervals and the variant's document (``docs/evidence.md`` for ``repeat``,
-   ``docs/evidence_copy.md``, ``docs/evidence_arithmetic.md``; figures copied to
-   ``docs/evidence/VARIANT_*.png``).
+5. bootstrap intervals and the variant's document (``docs/evidence.md`` for ``survey``,
+   ``docs/evidence_VARIANT.md`` for the others; figures copied to ``docs/evidence/VARIANT_*.png``).
 
 The variants differ in the task's detour only (same model, recipes, steps and seeds), in the order
 they were tried: ``arithmetic`` computes the cell (its models never learned the arithmetic),
 ``copy`` copies a word list out before the lookup (its models never learned the long-range copy),
-``repeat`` (the default) restates the target sentence by sentence, so that the image is the only
-long-range dependency. Every step whose output
+``repeat`` restates the target sentence by sentence, so that the image is the only long-range
+dependency (its models then never read the image), ``survey`` (the default) is ``repeat`` reading
+all nine cells before the target's: nine visual reads per sample. Every step whose output
 exists is skipped, so a stopped run continues where it stopped; outputs of the other variant are
 refused. The reading between the markers of an existing document is kept when it is rewritten.
 """
@@ -52,14 +52,22 @@ MODEL_SIZES = dict(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2,
                    intermediate_size=512, vision_depth=2, vision_dim=64, vision_heads=2)
 MAX_PIXELS = 168 * 168
 VARIANTS: dict[str, dict[str, dict]] = {
+    # As repeat, the lookup reading every cell; ~520-token chains.
+    "survey": dict(
+        data=dict(num_train=4000, num_val=128, detour="survey", detour_steps=8, image_size=168,
+                  seed=0),
+        generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
+                        max_new_tokens=704, repetition_penalty=1.0),
+        doc=dict(name="evidence.md", tokens="~200 question tokens, ~520 response tokens, 36 image "
+                                            "tokens")),
     # As copy, with only short-range text dependencies; ~475-token chains.
     "repeat": dict(
         data=dict(num_train=4000, num_val=128, detour="repeat", detour_steps=14, image_size=168,
                   seed=0),
         generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
                         max_new_tokens=640, repetition_penalty=1.0),
-        doc=dict(name="evidence.md", tokens="~200 question tokens, ~475 response tokens, 36 image "
-                                            "tokens")),
+        doc=dict(name="evidence_repeat.md", tokens="~200 question tokens, ~475 response tokens, "
+                                                   "36 image tokens")),
     # The lookup sentence opens with the chain's only reflection phrase: DVR injects its one copy
     # there and PVC calibrates there once (no periodic calibration); ~485-token chains.
     "copy": dict(
@@ -283,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     p.add_argument("--machine", default=f"{os.cpu_count()}-core CPU")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per subprocess")
-    p.add_argument("--variant", choices=sorted(VARIANTS), default="repeat",
-                   help="the task's detour: restate the target (default), copy a word list, or "
-                        "compute the cell")
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="survey",
+                   help="the task's detour: restate the target and read every cell (default), "
+                        "restate it and read it, copy a word list, or compute the cell")
     args = p.parse_args(argv)
     check_variant(args.root, args.variant)
     timings_file = args.root / "timings.json"
@@ -311,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = timings.get(name, 0.0) + time.monotonic() - start
         timings_file.write_text(json.dumps(timings, indent=2))
         print(f"[evidence] {name} done in {timings[name] / 60:.1f} min", flush=True)
-    command = "make evidence" + ("" if args.variant == "repeat" else f" VARIANT={args.variant}")
+    command = "make evidence" + ("" if args.variant == "survey" else f" VARIANT={args.variant}")
     doc = write_doc(args.root, args.docs, command, args.date, args.machine, timings, args.variant)
     print(f"[evidence] wrote {doc}")
     return 0
