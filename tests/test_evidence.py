@@ -106,3 +106,34 @@ def test_render_doc_and_kept_reading():
     assert kept_reading(again) == "It does not reproduce."
     assert again.count(READING_START) == 1 and again.count(READING_END) == 1
     assert kept_reading(None) is None and kept_reading("no markers") is None
+
+
+def test_pooled_rates_weigh_reads_not_items_and_pair_by_item():
+    from tvc_lightning.analyze.evidence_report import paired_pooled_rate_diff_ci, pooled_rate_ci
+
+    counts = [(9, 9), (0, 1), (0, 0)] * 10  # 90 of 100 reads right, one item with none
+    ci = pooled_rate_ci(counts, resamples=300)
+    assert ci.value == pytest.approx(0.9) and ci.n == 30 and ci.low <= 0.9 <= ci.high
+    same = paired_pooled_rate_diff_ci(counts, counts, resamples=100)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    worse = [(0, 9), (0, 1), (0, 0)] * 10
+    diff = paired_pooled_rate_diff_ci(counts, worse, resamples=100)
+    assert diff.value == pytest.approx(0.9) and 0.5 < diff.low <= 0.9 <= diff.high
+    with pytest.raises(ValueError):
+        paired_pooled_rate_diff_ci(counts, counts[:3])
+
+
+def test_cell_read_counts_check_each_sentence_against_the_regenerated_grid(tmp_path):
+    from data_engine.synth_late import make_sample
+    from tvc_lightning.analyze.evidence import VARIANTS, cell_read_counts
+
+    d = VARIANTS["survey"]["data"]
+    _, record, _, grid, _ = make_sample(d["seed"], "val", 3, d["image_size"], d["detour_steps"],
+                                        d["detour"])
+    wrong = next(c for c in ("red", "blue") if c != grid.colours[0][0])
+    response = (f"The cell in row 1, column 1 is {grid.colours[0][0]}. The cell in row 1, column 1 "
+                f"is {wrong}. The cell in row 7, column 1 is red. {record.response}")
+    results = tmp_path / "results_pvc.jsonl"
+    results.write_text(json.dumps({"id": record.id, "response": response}) + "\n")
+    # The ground-truth response reads all nine cells right; the two added reads: one right.
+    assert cell_read_counts(results, "survey") == {record.id: (9 + 1, 9 + 2)}

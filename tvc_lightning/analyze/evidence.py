@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,9 +41,12 @@ from tvc_lightning.analyze.evidence_report import (
     MODES,
     Interval,
     bootstrap_ci,
+    cell_reads_markdown,
     forgetting_summary,
     kept_reading,
     paired_diff_ci,
+    paired_pooled_rate_diff_ci,
+    pooled_rate_ci,
     read_flags,
     removal_summary,
     render_doc,
@@ -236,6 +240,44 @@ def collect(root: Path) -> tuple[dict[tuple[str, str], Interval], dict[str, Inte
     return cells, diffs, chance
 
 
+_CELL_SENTENCE = re.compile(r"The cell in row (\d+), column (\d+) is (\w+)\.")
+
+
+def cell_read_counts(results: Path, variant: str) -> dict[str, tuple[int, int]]:
+    """Per response id: (cell sentences whose colour is the image's, cell sentences naming a cell
+    of the grid). Each item's grid is regenerated from the synth settings (seeded per item)."""
+    from data_engine.synth_late import make_sample
+
+    d = VARIANTS[variant]["data"]
+    counts = {}
+    for line in results.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        index = int(row["id"].rsplit("-", 1)[1])
+        grid = make_sample(d["seed"], "val", index, d["image_size"], d["detour_steps"],
+                           d["detour"])[3]
+        hits = total = 0
+        for m in _CELL_SENTENCE.finditer(row["response"]):
+            r, c = int(m.group(1)) - 1, int(m.group(2)) - 1
+            if 0 <= r < grid.rows and 0 <= c < grid.cols:
+                total += 1
+                hits += grid.colours[r][c] == m.group(3)
+        counts[row["id"]] = (hits, total)
+    return counts
+
+
+def cell_reads(root: Path, variant: str) -> list[str]:
+    """The cell-reads section: how often the chains' colour reads match the image."""
+    counts = {(arm, mode): cell_read_counts(root / arm / "eval" / f"results_{mode}.jsonl", variant)
+              for arm in ARMS for mode in MODES}
+    ids = sorted(set.intersection(*(set(c) for c in counts.values())))
+    vec = {k: [c[i] for i in ids] for k, c in counts.items()}
+    reads = {k: pooled_rate_ci(v, RESAMPLES) for k, v in vec.items()}
+    diff = paired_pooled_rate_diff_ci(vec[("dvr", "pvc")], vec[("plain", "plain")], RESAMPLES)
+    return cell_reads_markdown(reads, diff)
+
+
 def sizes_text(variant: str) -> dict[str, str]:
     m, d, g = MODEL_SIZES, VARIANTS[variant]["data"], VARIANTS[variant]["generation"]
     return {
@@ -277,7 +319,8 @@ def write_doc(root: Path, docs: Path, command: str, date: str, machine: str,
         command=command, date=date, machine=machine, sizes=sizes_text(variant), cells=cells, diffs=diffs,
         forgetting=forgetting, removal=removal, figures=figures, timings=timings,
         train_loss={arm: final_train_loss(root / arm) for arm in ARMS}, chance=chance,
-        reading=reading, resamples=RESAMPLES), encoding="utf-8")
+        reading=reading, resamples=RESAMPLES, cell_reads=cell_reads(root, variant)),
+        encoding="utf-8")
     return doc
 
 
