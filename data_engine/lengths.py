@@ -29,7 +29,7 @@ from tvc_lightning.data.dvr import (
 )
 from tvc_lightning.data.schema import SampleRecord
 from tvc_lightning.data.tokenize import ChatFormat, SampleEncoder, special_token_pattern
-from tvc_lightning.families import Qwen2VL
+from tvc_lightning.families import family_of_processor
 
 
 @dataclass
@@ -79,7 +79,7 @@ class TrainingLength:
         self.shape = shape
         self.encoder = SampleEncoder(
             processor, max_length=shape.max_length, dvr=shape.dvr(),
-            chat=ChatFormat.for_family(getattr(processor, "family", None) or Qwen2VL,
+            chat=ChatFormat.for_family(family_of_processor(processor),
                                        question_suffix=shape.question_suffix),
         )
         self.lock = lock if lock is not None else threading.Lock()

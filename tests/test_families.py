@@ -162,7 +162,7 @@ def test_chat_format_follows_the_family_template(tiny_family):
     chat = ChatFormat.for_family(family_of(model))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
     hf = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert chat.prompt("Hi?", [1]) == hf.replace("<|image_pad|>", "<|image_pad|>" * 1)
+    assert chat.prompt("Hi?", [1]) == hf  # one image of one merged token: one pad either way
     assert (chat.system_prompt is None) == (model.config.model_type == "qwen3_vl")
     assert ChatFormat.for_family(family_of(model), "Be brief.").prompt("Hi?", [1]).startswith(
         "<|im_start|>system\nBe brief.<|im_end|>\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import random
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,31 +74,29 @@ def pooled_rate_ci(counts: Sequence[tuple[int, int]], resamples: int = 2000, lev
                    seed: int = 0) -> Interval:
     """``sum(hits) / sum(totals)`` over items of ``(hits, total)`` counts (e.g. the cell reads of
     each response), items resampled: reads of one response are not independent."""
-    return _ratio_interval(counts, [(0, 0)] * len(counts), resamples, level, seed)
+    return _item_bootstrap(len(counts), lambda idx: _pooled_rate(counts, idx), resamples, level, seed)
 
 
 def paired_pooled_rate_diff_ci(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]],
                                resamples: int = 2000, level: float = 0.95,
                                seed: int = 0) -> Interval:
     """Pooled rate of ``a`` minus that of ``b`` over the same items, resampled jointly."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired counts must be non-empty and equal in length: {len(a)} vs {len(b)}")
-    return _ratio_interval(a, b, resamples, level, seed, paired=True)
+    if len(a) != len(b):
+        raise ValueError(f"paired counts differ in length: {len(a)} vs {len(b)}")
+    return _item_bootstrap(len(a), lambda idx: _pooled_rate(a, idx) - _pooled_rate(b, idx),
+                           resamples, level, seed)
 
 
-def _ratio_interval(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]], resamples: int,
-                    level: float, seed: int, paired: bool = False) -> Interval:
-    if not a:
-        raise ValueError("a pooled rate needs at least one item")
+def _pooled_rate(counts: Sequence[tuple[int, int]], idx: Sequence[int]) -> float:
+    total = sum(counts[i][1] for i in idx)
+    return sum(counts[i][0] for i in idx) / total if total else 0.0
 
-    def rate(counts: Sequence[tuple[int, int]], idx: Sequence[int]) -> float:
-        total = sum(counts[i][1] for i in idx)
-        return sum(counts[i][0] for i in idx) / total if total else 0.0
 
-    def stat(idx: Sequence[int]) -> float:
-        return rate(a, idx) - rate(b, idx) if paired else rate(a, idx)
-
-    n = len(a)
+def _item_bootstrap(n: int, stat: Callable[[Sequence[int]], float], resamples: int, level: float,
+                    seed: int) -> Interval:
+    """``stat`` of all ``n`` items with a percentile interval over resampled item indices."""
+    if not n:
+        raise ValueError("a bootstrap needs at least one item")
     rng = random.Random(seed)
     values = sorted(stat([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
     tail = (1.0 - level) / 2

@@ -27,7 +27,7 @@ from PIL import Image
 from tvc_lightning.data.dvr import DEFAULT_POOL_KERNEL, DVRTransform, Injection
 from tvc_lightning.data.schema import IMAGE_PLACEHOLDER, SampleRecord, response_turn
 from tvc_lightning.data.shards import SkipSample
-from tvc_lightning.families import ModelFamily, Qwen2VL
+from tvc_lightning.families import ModelFamily, family_of_processor
 from tvc_lightning.vision import merged_grids, pooled_grid
 
 IGNORE_INDEX = -100
@@ -105,9 +105,7 @@ class SampleEncoder:
         self.merge_size = int(self.image_processor.merge_size)
         self.max_length = max_length
         self.dvr = dvr
-        # load_processor's processor knows its model family; a plain HF one is taken as Qwen2-VL's
-        # (the image positions are the same rule in every Qwen VL family).
-        family = getattr(processor, "family", None) or Qwen2VL
+        family = family_of_processor(processor)
         self.chat = chat or ChatFormat.for_family(family)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.chat.image_token)
         self.positions = family.positions

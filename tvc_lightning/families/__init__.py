@@ -20,7 +20,7 @@ from tvc_lightning.families.qwen3_vl import Qwen3VL
 FAMILIES: dict[str, type[ModelFamily]] = {f.model_type: f for f in (Qwen2VL, Qwen25VL, Qwen3VL)}
 
 __all__ = ["FAMILIES", "ModelFamily", "Qwen25VL", "Qwen2VL", "Qwen3VL", "family_at", "family_named",
-           "family_of"]
+           "family_of", "family_of_processor"]
 
 
 def family_named(model_type: str, where: str = "the checkpoint") -> type[ModelFamily]:
@@ -38,6 +38,13 @@ def family_of(config_or_model: Any) -> type[ModelFamily]:
     model_type = str(getattr(config, "model_type", None))
     # A family's bare language model (``qwen2_vl_text``, ...) belongs to the family.
     return family_named(model_type.removesuffix("_text"), f"{type(config_or_model).__name__}")
+
+
+def family_of_processor(processor: Any) -> type[ModelFamily]:
+    """The family a processor from ``hf.load_processor`` belongs to; a plain HF processor (no
+    ``family``) is taken as Qwen2-VL's: image positions follow one rule in every family, only
+    the default system turn differs."""
+    return getattr(processor, "family", None) or Qwen2VL
 
 
 def family_at(path: str | Path) -> type[ModelFamily]:
