@@ -379,12 +379,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detour-steps", type=int, default=10,
                         help="late_lookup: typical number of arithmetic steps (or copied words) "
                              "before the lookup (each sample draws from about 0.75x to 1.25x of it)")
-    parser.add_argument("--detour", choices=("arithmetic", "copy", "repeat", "survey"),
+    parser.add_argument("--detour", choices=("arithmetic", "copy", "repeat", "survey", "uniform"),
                         default="arithmetic",
                         help="late_lookup: the cell is named through arithmetic; or named in the "
                              "question (a 3 x 3 grid) and preceded by copying a word list out "
                              "(copy) or by restating it N times (repeat; survey: then every cell "
-                             "is read before the target's)")
+                             "is read before the target's; uniform: as repeat, all cells one "
+                             "colour)")
 
 
 def run(args: argparse.Namespace) -> int:

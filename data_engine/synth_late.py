@@ -27,6 +27,9 @@ with the same reflection sentence. The only long-range dependency left is the im
 ``detour="survey"`` is ``repeat`` whose lookup reads every cell in order ("The cell in row 1,
 column 1 is red. ...") before naming the target's colour: nine visual reads per sample instead of
 one, for a model that has to learn reading the image from a few thousand samples.
+``detour="uniform"`` is ``repeat`` (same question, chain and lengths) on a grid whose nine cells
+share one colour: reading the target needs no position in the image, only a look at it, so the
+one thing left to learn late in the chain is to look back at the image.
 
 Every sample comes from its own generator seeded by ``(seed, split, index)`` (deterministic,
 independent of how many are generated); images are PNG, drawn with PIL without anti-aliasing
@@ -64,7 +67,7 @@ CHECKS = (
     "Hmm, let me verify that product.",
 )
 MODULI = (97, 101, 103, 107, 109, 113, 127)
-DETOURS = ("arithmetic", "copy", "repeat", "survey")
+DETOURS = ("arithmetic", "copy", "repeat", "survey", "uniform")
 # Words the copy detour lists: no colour, each a word of the tiny tokenizer's corpus.
 WORDS = ("circle", "square", "triangle", "bar", "angle", "side", "segment", "area", "point",
          "label", "count", "total", "left", "right", "top", "bottom", "shape", "step")
@@ -113,9 +116,14 @@ def make_grid(rng: random.Random, image_size: int) -> Grid:
     return Grid(rows, cols, cell, margin, margin, colours)
 
 
-def make_aligned_grid(rng: random.Random, image_size: int) -> Grid:
-    """A 3 x 3 grid filling an ``image_size`` square with no margin (no numbers drawn)."""
-    colours = tuple(tuple(rng.choice(list(PALETTE)) for _ in range(3)) for _ in range(3))
+def make_aligned_grid(rng: random.Random, image_size: int, uniform: bool = False) -> Grid:
+    """A 3 x 3 grid filling an ``image_size`` square with no margin (no numbers drawn); with
+    ``uniform`` every cell has the same (random) colour."""
+    if uniform:
+        colour = rng.choice(list(PALETTE))
+        colours = tuple(tuple(colour for _ in range(3)) for _ in range(3))
+    else:
+        colours = tuple(tuple(rng.choice(list(PALETTE)) for _ in range(3)) for _ in range(3))
     return Grid(3, 3, image_size // 3, 0, 0, colours)
 
 
@@ -265,13 +273,14 @@ def make_sample(seed: int, split: str, index: int, image_size: int = 224,
                 detour_steps: int = 10, detour: str = "arithmetic",
                 ) -> tuple[str, SampleRecord, Image.Image, Grid, Detour | list[str]]:
     """Sample ``index`` of ``split``: ``(key, record, image, grid, detour)``; the detour is the
-    arithmetic, the list of words copied (``copy``) or ``[N]`` (``repeat``, ``survey``)."""
+    arithmetic, the list of words copied (``copy``) or ``[N]`` (``repeat``, ``survey``,
+    ``uniform``)."""
     if detour not in DETOURS:
         raise ValueError(f"detour must be one of {DETOURS}, got {detour!r}")
     rng = random.Random(f"late:{seed}:{split}:{index}" + ("" if detour == "arithmetic" else f":{detour}"))
     key = f"late-{split}-{index:06d}"
-    if detour in ("copy", "repeat", "survey"):
-        grid = make_aligned_grid(rng, image_size)
+    if detour != "arithmetic":
+        grid = make_aligned_grid(rng, image_size, uniform=detour == "uniform")
         row, col = rng.randrange(3), rng.randrange(3)
         low = max(1, detour_steps - detour_steps // 4)
         n = rng.randint(low, detour_steps + detour_steps // 4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -53,10 +54,11 @@ def test_paired_difference_uses_the_pairing():
 
 def test_accuracy_table_has_both_arms_and_modes():
     cells = {(arm, mode): Interval(0.25, 0.1, 0.4, 64)
-             for arm in ("plain", "dvr") for mode in ("plain", "pvc")}
+             for arm in ("plain", "dvr") for mode in ("plain", "pvc", "pvc_keep")}
     table = accuracy_table(cells).splitlines()
-    assert len(table) == 4
+    assert len(table) == 4 and table[0].count("|") == 5
     assert "plain decoding" in table[0] and "PVC decoding" in table[0]
+    assert "PVC, original kept (reset none)" in table[0]
     assert table[2].startswith("| plain SFT") and table[3].startswith("| DVR")
     assert "0.250 [0.100, 0.400]" in table[3]
 
@@ -81,7 +83,7 @@ def test_readers(tmp_path):
 
 def _doc(reading: str | None) -> str:
     cells = {(arm, mode): Interval(0.5 if arm == "dvr" else 0.2, 0.1, 0.6, 8)
-             for arm in ("plain", "dvr") for mode in ("plain", "pvc")}
+             for arm in ("plain", "dvr") for mode in ("plain", "pvc", "pvc_keep")}
     curve = {"plain": [(0, 0.3, 0.0), (1, 0.1, 0.0)]}
     return render_doc(
         command="make evidence", date="2026-12-01", machine="2-core CPU", sizes={"model": "m"},
@@ -137,3 +139,23 @@ def test_cell_read_counts_check_each_sentence_against_the_regenerated_grid(tmp_p
     results.write_text(json.dumps({"id": record.id, "response": response}) + "\n")
     # The ground-truth response reads all nine cells right; the two added reads: one right.
     assert cell_read_counts(results, "survey") == {record.id: (9 + 1, 9 + 2)}
+
+
+@pytest.mark.parametrize("variant", ["survey", "survey_qwen3vl", "uniform"])
+def test_every_variant_shows_a_6x6_merged_grid_to_its_family(tmp_path, variant):
+    """Each variant's images, read at the driver's max_pixels by its family's processor, are 6 x 6
+    merged tokens: one token per cell in a copy pooled with kernel 2 (the fits get the same
+    max_pixels)."""
+    from data_engine.synth_late import make_sample
+    from tvc_lightning.analyze.evidence import VARIANTS, family, fit_jobs, max_pixels
+    from tvc_lightning.testing import build_tiny_processor
+
+    d = VARIANTS[variant]["data"]
+    image = make_sample(d["seed"], "val", 0, d["image_size"], d["detour_steps"], d["detour"])[2]
+    processor = build_tiny_processor(family=family(variant), max_pixels=max_pixels(variant))
+    grid_thw = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+    merge = processor.image_processor.merge_size
+    assert grid_thw[0, 1:].div(merge).tolist() == [6, 6]
+    assert VARIANTS[variant]["generation"]["pool_kernel"] == 2
+    for cmd in fit_jobs(tmp_path, Path("recipes/evidence"), variant).values():
+        assert cmd[-1] == f"--data.max_pixels={max_pixels(variant)}"

@@ -124,7 +124,7 @@ def test_default_task_is_unchanged(tmp_path):
 
 # --- the copy detour: a list copied out, then the lookup ----------------------------------------
 
-STEPS = {"copy": 40, "repeat": 14, "survey": 8}
+STEPS = {"copy": 40, "repeat": 14, "survey": 8, "uniform": 14}
 REFLECTION = "Let me check that cell in the image."
 
 
@@ -133,7 +133,7 @@ def _copy_samples(split: str, n: int, detour: str = "copy"):
             for i in range(n)]
 
 
-@pytest.mark.parametrize("detour", ["copy", "repeat", "survey"])
+@pytest.mark.parametrize("detour", ["copy", "repeat", "survey", "uniform"])
 def test_copy_detour_aligns_cells_with_pooled_tokens_and_names_no_colour_early(detour):
     """168 px, 3 x 3: every 56-px cell is 2 x 2 merged tokens (28 px each), so a copy pooled with
     kernel 2 has one token per cell; the question names the cell, the chain copies the list and
@@ -164,10 +164,12 @@ def test_copy_detour_aligns_cells_with_pooled_tokens_and_names_no_colour_early(d
             assert 30 <= len(words) <= 50
         else:  # each check restates the target and counts on from the one before
             (n,) = map(int, words)
-            low, high = (11, 17) if detour == "repeat" else (6, 10)
+            low, high = (6, 10) if detour == "survey" else (11, 17)
             assert low <= n <= high and f"Restate the target {n} times" in record.question
             assert all(f"Check {k} of {n}: {target}." in before for k in range(1, n + 1))
             assert f"Check {n + 1} " not in before
+        if detour == "uniform":  # repeat's chain on a grid of one colour
+            assert {c for row_colours in grid.colours for c in row_colours} == {record.answer}
         if detour == "survey":  # every cell read in order, then the target's colour
             reads = [LOOKUP.format(row=r + 1, col=c + 1, colour=grid.colours[r][c])
                      for r in range(3) for c in range(3)]
@@ -181,7 +183,7 @@ def test_copy_detour_aligns_cells_with_pooled_tokens_and_names_no_colour_early(d
     assert make_sample(0, "val", 0)[1] == make_sample(0, "val", 0, detour="arithmetic")[1]
 
 
-@pytest.mark.parametrize("detour", ["copy", "repeat", "survey"])
+@pytest.mark.parametrize("detour", ["copy", "repeat", "survey", "uniform"])
 def test_copy_detour_puts_dvr_and_pvc_at_the_lookup(detour):
     """The chain's only reflection sentence opens the lookup: DVR's one candidate point is there,
     and PVC's reflection trigger fires on it (and nowhere earlier in the chain)."""
@@ -207,7 +209,7 @@ def test_copy_detour_puts_dvr_and_pvc_at_the_lookup(detour):
         assert kept.rstrip() == record.response[:lookup_at].rstrip()
 
 
-@pytest.mark.parametrize("detour", ["copy", "repeat", "survey"])
+@pytest.mark.parametrize("detour", ["copy", "repeat", "survey", "uniform"])
 def test_copy_detour_text_only_baseline_is_near_chance(detour):
     train, val = _copy_samples("train", 500, detour), _copy_samples("val", 500, detour)
     answers = Counter(s[1].answer for s in train)

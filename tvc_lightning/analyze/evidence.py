@@ -8,7 +8,8 @@ evidence``, or ``make evidence VARIANT=repeat``) does, under ``outputs/evidence/
    each only if absent;
 2. the two fits, ``recipes/evidence/plain.yaml`` and ``recipes/evidence/dvr.yaml`` (same data,
    steps and seeds; only ``data.dvr.p`` differs), side by side, one CPU thread each;
-3. ``evaluate --benchmark shards --compare_plain true`` of both checkpoints on ``data/val``;
+3. ``evaluate --benchmark shards --compare_plain true`` of both checkpoints on ``data/val``, and
+   a second PVC evaluation with ``reset none`` (the original image kept after a calibration);
 4. ``analyze forgetting`` and ``analyze removal`` of both;
 5. bootstrap intervals and the variant's document (``docs/evidence.md`` for ``survey``,
    ``docs/evidence_VARIANT.md`` for the others; figures copied to ``docs/evidence/VARIANT_*.png``).
@@ -54,8 +55,31 @@ from tvc_lightning.analyze.evidence_report import (
 
 MODEL_SIZES = dict(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2,
                    intermediate_size=512, vision_depth=2, vision_dim=64, vision_heads=2)
-MAX_PIXELS = 168 * 168
+FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen3_vl": "Qwen3-VL"}
+# A variant's model family is Qwen2-VL unless it says otherwise; images are image_size squares,
+# read at full size (max_pixels = image_size ** 2): 6 x 6 merged tokens in both families.
 VARIANTS: dict[str, dict[str, dict]] = {
+    # As survey, on a tiny Qwen3-VL: its tower adds a learned position embedding to every patch
+    # and its M-RoPE interleaves the three axes over all frequencies, where the tiny Qwen2-VL's
+    # random tower has no absolute position and its width axis gets the five lowest rotary
+    # frequencies (columns 0-5 turn a query by under 0.01 rad). 192 px: Qwen3-VL's 32-px merged
+    # tokens, 6 x 6 of them, one pooled token per cell.
+    "survey_qwen3vl": dict(
+        family="qwen3_vl",
+        data=dict(num_train=4000, num_val=128, detour="survey", detour_steps=8, image_size=192,
+                  seed=0),
+        generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
+                        max_new_tokens=704, repetition_penalty=1.0),
+        doc=dict(name="evidence_survey_qwen3vl.md",
+                 tokens="~200 question tokens, ~520 response tokens, 36 image tokens")),
+    # As repeat (same question, chain and lengths), every cell one colour: no position to find.
+    "uniform": dict(
+        data=dict(num_train=4000, num_val=128, detour="uniform", detour_steps=14, image_size=168,
+                  seed=0),
+        generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
+                        max_new_tokens=640, repetition_penalty=1.0),
+        doc=dict(name="evidence_uniform.md", tokens="~200 question tokens, ~475 response tokens, "
+                                                    "36 image tokens")),
     # As repeat, the lookup reading every cell; ~520-token chains.
     "survey": dict(
         data=dict(num_train=4000, num_val=128, detour="survey", detour_steps=8, image_size=168,
@@ -98,8 +122,9 @@ REMOVAL_GRID = "[0, 0.25, 0.5, 0.75, 1]"
 RESAMPLES = 2000
 
 
-def _generation_flags(variant: str) -> list[str]:
-    return [f"--generation.{k}={v}" for k, v in VARIANTS[variant]["generation"].items()]
+def _generation_flags(variant: str, **override: object) -> list[str]:
+    settings = {**VARIANTS[variant]["generation"], **override}
+    return [f"--generation.{k}={v}" for k, v in settings.items()]
 
 
 def _env(threads: int) -> dict[str, str]:
@@ -141,11 +166,19 @@ def check_variant(root: Path, variant: str) -> None:
     marker.write_text(variant + "\n")
 
 
+def family(variant: str) -> str:
+    return VARIANTS[variant].get("family", "qwen2_vl")
+
+
+def max_pixels(variant: str) -> int:
+    return VARIANTS[variant]["data"]["image_size"] ** 2
+
+
 def build_inputs(root: Path, variant: str) -> None:
     """The random checkpoint and the shards, each only if absent."""
-    from tvc_lightning.testing import save_tiny_qwen2vl
+    from tvc_lightning.testing import save_tiny
 
-    save_tiny_qwen2vl(root / "model", seed=0, **MODEL_SIZES)
+    save_tiny(root / "model", family(variant), seed=0, **MODEL_SIZES)
     data = root / "data"
     if not (data / "val").exists():
         s = VARIANTS[variant]["data"]
@@ -157,7 +190,7 @@ def build_inputs(root: Path, variant: str) -> None:
                        check=True, env=_env(1))
 
 
-def fit_jobs(root: Path, recipes: Path) -> dict[str, list[str]]:
+def fit_jobs(root: Path, recipes: Path, variant: str) -> dict[str, list[str]]:
     """The fits still to run (an arm with ``last.ckpt`` is done)."""
     jobs = {}
     for arm in ARMS:
@@ -167,22 +200,36 @@ def fit_jobs(root: Path, recipes: Path) -> dict[str, list[str]]:
         # A fit refuses a folder holding checkpoints; leftovers here are an interrupted fit's.
         shutil.rmtree(ckpts, ignore_errors=True)
         jobs[f"fit_{arm}"] = [sys.executable, "-m", "tvc_lightning", "fit", "--config",
-                              str(recipes / f"{arm}.yaml")]
+                              str(recipes / f"{arm}.yaml"),
+                              f"--data.max_pixels={max_pixels(variant)}"]
     return jobs
 
 
+def results_path(root: Path, arm: str, mode: str) -> Path:
+    """Where ``evaluate`` wrote ``arm``'s answers under decoding ``mode`` (pvc_keep: a second
+    evaluation with reset none)."""
+    if mode == "pvc_keep":
+        return root / arm / "eval_keep" / "results_pvc.jsonl"
+    return root / arm / "eval" / f"results_{mode}.jsonl"
+
+
 def eval_jobs(root: Path, variant: str) -> dict[str, list[str]]:
+    """Both arms under plain and PVC decoding (``eval``) and under PVC with reset none
+    (``eval_keep``): the evaluations not done yet."""
     jobs = {}
     for arm in ARMS:
-        out = root / arm / "eval"
-        if (out / "summary.json").exists():
-            continue
-        jobs[f"eval_{arm}"] = [
-            sys.executable, "-m", "tvc_lightning", "evaluate",
-            "--checkpoint", str(root / arm / "checkpoints" / "last.ckpt"),
-            "--benchmark", "shards", "--input", str(root / "data" / "val"), "--out", str(out),
-            "--compare_plain", "true", "--batch_size", "32", "--max_pixels", str(MAX_PIXELS),
-            "--progress_bar", "false", *_generation_flags(variant)]
+        for name, extra in (("eval", ["--compare_plain", "true", *_generation_flags(variant)]),
+                            ("eval_keep", _generation_flags(variant, reset="none"))):
+            out = root / arm / name
+            if (out / "summary.json").exists():
+                continue
+            jobs[f"{name}_{arm}"] = [
+                sys.executable, "-m", "tvc_lightning", "evaluate",
+                "--checkpoint", str(root / arm / "checkpoints" / "last.ckpt"),
+                "--base_model", str(root / "model"), "--benchmark", "shards",
+                "--input", str(root / "data" / "val"), "--out", str(out), "--batch_size", "32",
+                "--max_pixels", str(max_pixels(variant)),
+                "--progress_bar", "false", *extra]
     return jobs
 
 
@@ -199,8 +246,9 @@ def analyze_jobs(root: Path, command: str, variant: str) -> dict[str, list[str]]
         jobs[f"{command}_{arm}"] = [
             sys.executable, "-m", "tvc_lightning", "analyze", command,
             "--checkpoint", str(root / arm / "checkpoints" / "last.ckpt"),
-            "--data", str(root / "data" / "val"), "--out", str(out),
-            "--max_pixels", str(MAX_PIXELS), *extra, *_generation_flags(variant)]
+            "--base_model", str(root / "model"), "--data", str(root / "data" / "val"),
+            "--out", str(out), "--max_pixels", str(max_pixels(variant)), *extra,
+            *_generation_flags(variant)]
     return jobs
 
 
@@ -219,7 +267,7 @@ def final_train_loss(arm_dir: Path, last: int = 5) -> float:
 
 def collect(root: Path) -> tuple[dict[tuple[str, str], Interval], dict[str, Interval], float]:
     """The 2x2 cells, the paired differences, and the held-out majority-answer rate."""
-    flags = {(arm, mode): read_flags(root / arm / "eval" / f"results_{mode}.jsonl")
+    flags = {(arm, mode): read_flags(results_path(root, arm, mode))
              for arm in ARMS for mode in MODES}
     ids = sorted(set.intersection(*(set(f) for f in flags.values())))
     vec = {k: [f[i] for i in ids] for k, f in flags.items()}
@@ -231,6 +279,10 @@ def collect(root: Path) -> tuple[dict[tuple[str, str], Interval], dict[str, Inte
                                                   RESAMPLES),
         "plain+pvc - plain+plain": paired_diff_ci(vec[("plain", "pvc")], vec[("plain", "plain")],
                                                   RESAMPLES),
+        "dvr+pvc_keep - plain+plain": paired_diff_ci(vec[("dvr", "pvc_keep")],
+                                                     vec[("plain", "plain")], RESAMPLES),
+        "dvr+pvc_keep - dvr+pvc": paired_diff_ci(vec[("dvr", "pvc_keep")], vec[("dvr", "pvc")],
+                                                 RESAMPLES),
     }
     answers = Counter()
     for line in (root / "plain" / "eval" / "results_plain.jsonl").read_text().splitlines():
@@ -269,7 +321,7 @@ def cell_read_counts(results: Path, variant: str) -> dict[str, tuple[int, int]]:
 
 def cell_reads(root: Path, variant: str) -> list[str]:
     """The cell-reads section: how often the chains' colour reads match the image."""
-    counts = {(arm, mode): cell_read_counts(root / arm / "eval" / f"results_{mode}.jsonl", variant)
+    counts = {(arm, mode): cell_read_counts(results_path(root, arm, mode), variant)
               for arm in ARMS for mode in MODES}
     ids = sorted(set.intersection(*(set(c) for c in counts.values())))
     vec = {k: [c[i] for i in ids] for k, c in counts.items()}
@@ -281,7 +333,8 @@ def cell_reads(root: Path, variant: str) -> list[str]:
 def sizes_text(variant: str) -> dict[str, str]:
     m, d, g = MODEL_SIZES, VARIANTS[variant]["data"], VARIANTS[variant]["generation"]
     return {
-        "model": (f"random Qwen2-VL, {m['num_layers']} layers, hidden {m['hidden_size']}, "
+        "model": (f"random {FAMILY_NAMES[family(variant)]}, {m['num_layers']} layers, hidden "
+                  f"{m['hidden_size']}, "
                   f"{m['num_heads']}/{m['num_kv_heads']} heads, intermediate "
                   f"{m['intermediate_size']}, vision tower {m['vision_depth']} x {m['vision_dim']} "
                   "(trained, not frozen), the tiny 640-token tokenizer"),
@@ -343,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = (json.loads(timings_file.read_text())
                                  if timings_file.exists() else {})
     args.root.mkdir(parents=True, exist_ok=True)
-    stages = (("setup", None), ("fits", lambda: fit_jobs(args.root, args.recipes)),
+    stages = (("setup", None), ("fits", lambda: fit_jobs(args.root, args.recipes, args.variant)),
               ("evaluate", lambda: eval_jobs(args.root, args.variant)),
               ("forgetting", lambda: analyze_jobs(args.root, "forgetting", args.variant)),
               ("removal", lambda: analyze_jobs(args.root, "removal", args.variant)))

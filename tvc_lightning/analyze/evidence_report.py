@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ARMS = ("plain", "dvr")
-MODES = ("plain", "pvc")
+# pvc_keep: PVC with reset none, the original image kept visible after a calibration, as DVR
+# training always shows it (pvc resets it: the method's visual cache reset).
+MODES = ("plain", "pvc", "pvc_keep")
 ARM_NAMES = {"plain": "plain SFT (dvr.p 0)", "dvr": "DVR (dvr.p 1)"}
-MODE_NAMES = {"plain": "plain decoding", "pvc": "PVC decoding"}
+MODE_NAMES = {"plain": "plain decoding", "pvc": "PVC decoding",
+              "pvc_keep": "PVC, original kept (reset none)"}
 READING_START = "<!-- reading: hand-written, kept when the driver rewrites this file -->"
 READING_END = "<!-- /reading -->"
 
@@ -244,7 +247,7 @@ def render_doc(*, command: str, date: str, machine: str, sizes: Mapping[str, str
         "",
         *(f"- {k}: {v}" for k, v in sizes.items()),
         "",
-        "## Accuracy on the held-out split (2x2)",
+        "## Accuracy on the held-out split (2x2, and PVC without the reset)",
         "",
         f"Accuracy over {n} held-out `val` items, with 95% percentile-bootstrap intervals "
         f"({resamples} resamples of the items). Best constant answer on these items (a text-only "
