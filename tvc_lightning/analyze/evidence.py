@@ -43,6 +43,7 @@ from tvc_lightning.analyze.evidence_report import (
     Interval,
     bootstrap_ci,
     cell_reads_markdown,
+    forced_reads_markdown,
     forgetting_summary,
     kept_reading,
     paired_diff_ci,
@@ -68,14 +69,17 @@ VARIANTS: dict[str, dict[str, dict]] = {
         family="qwen3_vl",
         data=dict(num_train=4000, num_val=128, detour="survey", detour_steps=8, image_size=192,
                   seed=0),
+        lengths=(2, 4),
         generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
                         max_new_tokens=704, repetition_penalty=1.0),
         doc=dict(name="evidence_survey_qwen3vl.md",
                  tokens="~200 question tokens, ~520 response tokens, 36 image tokens")),
     # As repeat (same question, chain and lengths), every cell one colour: no position to find.
+    # lengths: held-out splits whose detour is 2x and 4x as long, read teacher-forced.
     "uniform": dict(
         data=dict(num_train=4000, num_val=128, detour="uniform", detour_steps=14, image_size=168,
                   seed=0),
+        lengths=(2, 4),
         generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
                         max_new_tokens=640, repetition_penalty=1.0),
         doc=dict(name="evidence_uniform.md", tokens="~200 question tokens, ~475 response tokens, "
@@ -136,8 +140,15 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_parallel(jobs: dict[str, list[str]], logs: Path, threads: int) -> None:
-    """Run the commands side by side, each logging to ``logs/NAME.log``; raise if one fails."""
+def run_parallel(jobs: dict[str, list[str]], logs: Path, threads: int,
+                 at_once: int | None = None) -> None:
+    """Run the commands side by side (``at_once`` at a time), each logging to ``logs/NAME.log``;
+    raise if one fails."""
+    names = list(jobs)
+    if at_once is not None and len(names) > at_once:
+        for i in range(0, len(names), at_once):
+            run_parallel({n: jobs[n] for n in names[i:i + at_once]}, logs, threads)
+        return
     logs.mkdir(parents=True, exist_ok=True)
     procs = {}
     for name, cmd in jobs.items():
@@ -174,20 +185,55 @@ def max_pixels(variant: str) -> int:
     return VARIANTS[variant]["data"]["image_size"] ** 2
 
 
+def _synth(out: Path, variant: str, num_train: int, scale: int = 1) -> None:
+    s = VARIANTS[variant]["data"]
+    subprocess.run([sys.executable, "-m", "data_engine", "synth", "--task", "late_lookup",
+                    "--out", str(out), "--num-train", str(num_train),
+                    "--num-val", str(s["num_val"]), "--detour", s["detour"],
+                    "--detour-steps", str(s["detour_steps"] * scale),
+                    "--image-size", str(s["image_size"]), "--seed", str(s["seed"])],
+                   check=True, env=_env(1))
+
+
 def build_inputs(root: Path, variant: str) -> None:
     """The random checkpoint and the shards, each only if absent."""
     from tvc_lightning.testing import save_tiny
 
     save_tiny(root / "model", family(variant), seed=0, **MODEL_SIZES)
-    data = root / "data"
-    if not (data / "val").exists():
-        s = VARIANTS[variant]["data"]
-        subprocess.run([sys.executable, "-m", "data_engine", "synth", "--task", "late_lookup",
-                        "--out", str(data), "--num-train", str(s["num_train"]),
-                        "--num-val", str(s["num_val"]), "--detour", s["detour"],
-                        "--detour-steps", str(s["detour_steps"]),
-                        "--image-size", str(s["image_size"]), "--seed", str(s["seed"])],
-                       check=True, env=_env(1))
+    if not (root / "data" / "val").exists():
+        _synth(root / "data", variant, VARIANTS[variant]["data"]["num_train"])
+
+
+def length_splits(root: Path, variant: str) -> dict[str, Path]:
+    """``x1`` (the held-out split) and, per ``lengths`` scale m, ``xm``: the same items (same
+    seeds: same image and target) with an m-times longer detour."""
+    splits = {"x1": root / "data" / "val"}
+    for m in VARIANTS[variant].get("lengths", ()):
+        splits[f"x{m}"] = root / f"data_x{m}" / "val"
+    return splits
+
+
+def forced_jobs(root: Path, variant: str) -> dict[str, list[str]]:
+    """Teacher-forced reads of both arms, with and without a copy, on every length split (the
+    longer splits are written first if absent); none for a variant without ``lengths``."""
+    if not VARIANTS[variant].get("lengths"):
+        return {}
+    jobs = {}
+    for name, split in length_splits(root, variant).items():
+        if not split.exists():
+            _synth(split.parent, variant, 0, scale=int(name[1:]))
+        for arm in ARMS:
+            for copy in (0, 1):
+                out = root / arm / "forced" / f"{name}_copy{copy}.json"
+                if out.exists():
+                    continue
+                jobs[f"forced_{arm}_{name}_copy{copy}"] = [
+                    sys.executable, "-m", "tvc_lightning.analyze.forced",
+                    "--checkpoint", str(root / arm / "checkpoints" / "last.ckpt"),
+                    "--base_model", str(root / "model"), "--data", str(split), "--out", str(out),
+                    "--dvr", str(copy), "--max_pixels", str(max_pixels(variant)),
+                    "--pool_kernel", str(VARIANTS[variant]["generation"]["pool_kernel"])]
+    return jobs
 
 
 def fit_jobs(root: Path, recipes: Path, variant: str) -> dict[str, list[str]]:
@@ -330,6 +376,27 @@ def cell_reads(root: Path, variant: str) -> list[str]:
     return cell_reads_markdown(reads, diff)
 
 
+def forced_reads(root: Path, variant: str) -> list[str]:
+    """The teacher-forced reads section (empty for a variant without ``lengths``)."""
+    if not VARIANTS[variant].get("lengths"):
+        return []
+    splits = length_splits(root, variant)
+    counts = {(arm, copy, name): json.loads(
+        (root / arm / "forced" / f"{name}_copy{copy}.json").read_text(encoding="utf-8"))["reads"]
+        for arm in ARMS for copy in (0, 1) for name in splits}
+    ids = sorted(set.intersection(*(set(c) for c in counts.values())))
+    vec = {k: [tuple(c[i]) for i in ids] for k, c in counts.items()}
+    reads = {k: pooled_rate_ci(v, RESAMPLES) for k, v in vec.items()}
+    diffs = {name: paired_pooled_rate_diff_ci(vec[("dvr", 1, name)], vec[("plain", 0, name)],
+                                              RESAMPLES) for name in splits}
+    steps = VARIANTS[variant]["data"]["detour_steps"]
+    columns = {}
+    for name in splits:
+        n = steps * int(name[1:])
+        columns[name] = f"{name}: {max(1, n - n // 4)}-{n + n // 4} checks"
+    return forced_reads_markdown(reads, diffs, columns)
+
+
 def sizes_text(variant: str) -> dict[str, str]:
     m, d, g = MODEL_SIZES, VARIANTS[variant]["data"], VARIANTS[variant]["generation"]
     return {
@@ -372,7 +439,8 @@ def write_doc(root: Path, docs: Path, command: str, date: str, machine: str,
         command=command, date=date, machine=machine, sizes=sizes_text(variant), cells=cells, diffs=diffs,
         forgetting=forgetting, removal=removal, figures=figures, timings=timings,
         train_loss={arm: final_train_loss(root / arm) for arm in ARMS}, chance=chance,
-        reading=reading, resamples=RESAMPLES, cell_reads=cell_reads(root, variant)),
+        reading=reading, resamples=RESAMPLES, cell_reads=cell_reads(root, variant),
+        forced_reads=forced_reads(root, variant)),
         encoding="utf-8")
     return doc
 
@@ -399,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     stages = (("setup", None), ("fits", lambda: fit_jobs(args.root, args.recipes, args.variant)),
               ("evaluate", lambda: eval_jobs(args.root, args.variant)),
               ("forgetting", lambda: analyze_jobs(args.root, "forgetting", args.variant)),
-              ("removal", lambda: analyze_jobs(args.root, "removal", args.variant)))
+              ("removal", lambda: analyze_jobs(args.root, "removal", args.variant)),
+              ("forced", lambda: forced_jobs(args.root, args.variant)))
     for name, jobs in stages:
         start = time.monotonic()
         if jobs is None:
@@ -410,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             todo = jobs()
             if not todo:
                 continue
-            run_parallel(todo, args.root / "logs", args.threads)
+            run_parallel(todo, args.root / "logs", args.threads, at_once=2)
         # Only the time spent in this invocation is added: a resumed run reports the sum.
         timings[name] = timings.get(name, 0.0) + time.monotonic() - start
         timings_file.write_text(json.dumps(timings, indent=2))

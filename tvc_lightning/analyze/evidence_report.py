@@ -123,6 +123,29 @@ def cell_reads_markdown(reads: Mapping[tuple[str, str], Interval], diff: Interva
     return lines
 
 
+FORCED_ROWS = (("plain", 0), ("plain", 1), ("dvr", 0), ("dvr", 1))
+
+
+def forced_reads_markdown(reads: Mapping[tuple[str, int, str], Interval],
+                          diffs: Mapping[str, Interval], columns: Mapping[str, str]) -> list[str]:
+    """The section on teacher-forced reads at several chain lengths (``analyze.forced``):
+    ``reads[(arm, copy, column)]``, ``diffs[column]`` = DVR with its copy minus plain without."""
+    lines = ["## Reads at longer chains (teacher-forced)", "",
+             "The reference chain fed in whole (`python -m tvc_lightning.analyze.forced`), its "
+             "restated part 1x, 2x and 4x as long as in training; share of the lookup sentences' "
+             "colours that the model's greedy choice gets right, with item-bootstrap intervals. "
+             "\"copy\": DVR's bridge and pooled copy at the reflection point, as PVC with reset "
+             "none decodes (the original image stays visible).", "",
+             "| training | copy | " + " | ".join(columns.values()) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for arm, copy in FORCED_ROWS:
+        lines.append(f"| {ARM_NAMES[arm]} | {'yes' if copy else 'no'} | "
+                     + " | ".join(reads[(arm, copy, c)].fmt() for c in columns) + " |")
+    lines += ["", "DVR with its copy minus plain SFT without one, paired by item: "
+              + "; ".join(f"{columns[c]}: {diffs[c].fmt(signed=True)}" for c in columns) + ".", ""]
+    return lines
+
+
 def accuracy_table(cells: Mapping[tuple[str, str], Interval]) -> str:
     """The 2x2 markdown table: rows are the training arms, columns the decodings."""
     lines = ["| training \\ decoding | " + " | ".join(MODE_NAMES[m] for m in MODES) + " |",
@@ -230,7 +253,8 @@ def render_doc(*, command: str, date: str, machine: str, sizes: Mapping[str, str
                forgetting: Mapping[str, Mapping[str, list[tuple[int, float, float]]]],
                removal: Mapping[str, list[tuple[str, float, float]]], figures: Mapping[str, str],
                timings: Mapping[str, float], train_loss: Mapping[str, float], chance: float,
-               reading: str | None, resamples: int, cell_reads: Sequence[str] = ()) -> str:
+               reading: str | None, resamples: int, cell_reads: Sequence[str] = (),
+               forced_reads: Sequence[str] = ()) -> str:
     """The whole ``docs/evidence.md``."""
     n = next(iter(cells.values())).n
     parts = [
@@ -283,6 +307,7 @@ def render_doc(*, command: str, date: str, machine: str, sizes: Mapping[str, str
         *(f"![{k}]({v})" for k, v in figures.items() if "removal" in k),
         "",
         *cell_reads,
+        *forced_reads,
         "## What the numbers say (computed)",
         "",
         *(f"- {s}" for s in verdicts(cells, diffs, forgetting, chance)),

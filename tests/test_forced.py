@@ -1,0 +1,87 @@
+"""Teacher-forced reads (tvc_lightning/analyze/forced.py) on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from data_engine.synth_late import LOOKUP, PALETTE, make_sample
+from tvc_lightning.analyze.forced import forced_reads, greedy_choices, main, read_spans, word_ids
+from tvc_lightning.data.collate import Collator
+from tvc_lightning.data.dvr import DVRTransform
+from tvc_lightning.data.tokenize import SampleEncoder
+from tvc_lightning.module import TVCModule
+from tvc_lightning.testing import build_tiny_processor
+
+
+def _samples(detour: str, n: int, steps: int = 8):
+    """``(record, [image])`` pairs, as the shard loader gives them."""
+    return [(s[1], [s[2]]) for s in (make_sample(0, "val", i, 168, steps, detour) for i in range(n))]
+
+
+def _encoder(copy: bool) -> SampleEncoder:
+    processor = build_tiny_processor(max_pixels=168 * 168)
+    return SampleEncoder(processor, dvr=DVRTransform(p=float(copy), max_injections=1, pool_kernel=2))
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_read_spans_are_the_lookup_colours(copy):
+    """survey's chain states ten colours after " is" (nine cells, then the target): each span
+    decodes to exactly that colour, none falls in the question, and DVR's copy moves none."""
+    encoder = _encoder(copy)
+    tok = encoder.tokenizer
+    (is_id,) = tok(" is", add_special_tokens=False)["input_ids"]
+    for (record, images), grid in zip(_samples("survey", 3),
+                                     [make_sample(0, "val", i, 168, 8, "survey")[3] for i in range(3)],
+                                     strict=True):
+        enc = encoder(record, images)
+        assert enc["num_injections"] == int(copy)
+        spans = read_spans(enc["input_ids"], enc["labels"], is_id, word_ids(tok, list(PALETTE)))
+        words = [tok.decode(enc["input_ids"][a:b]).strip() for a, b in spans]
+        cells = [grid.colours[r][c] for r in range(3) for c in range(3)]
+        assert words == cells + [record.answer]
+        assert all(f" is {w}." in record.response for w in words)
+        assert LOOKUP.format(row=1, col=1, colour=cells[0]) in record.response
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_forced_reads_match_the_full_logits(tiny, copy):
+    """The reads score the argmax of the LM head at the span positions only; the same scores from
+    the full logits of the training forward (every token of a word must be the argmax)."""
+    model, _ = tiny
+    module = TVCModule("unused", freeze=[])
+    module.model = model
+    encoder = _encoder(copy)
+    samples = _samples("survey", 4)
+    got = forced_reads(module, encoder, samples, list(PALETTE))
+    tok = encoder.tokenizer
+    (is_id,) = tok(" is", add_special_tokens=False)["input_ids"]
+    for record, images in samples:
+        enc = encoder(record, images)
+        batch = Collator(tok.pad_token_id)([enc])
+        with torch.no_grad():
+            predicted = module(batch)[0].argmax(-1)
+        ids = batch["input_ids"][0]
+        spans = read_spans(ids, batch["labels"][0], is_id, word_ids(tok, list(PALETTE)))
+        # Per token, the choice is the full logits' argmax at the position before it.
+        assert greedy_choices(module, batch, spans).tolist() == [
+            int(predicted[q - 1]) for a, b in spans for q in range(a, b)]
+        right = sum(all(int(predicted[q - 1]) == int(ids[q]) for q in range(a, b)) for a, b in spans)
+        assert got[record.id] == (right, 10)
+
+
+def test_the_command_writes_per_item_reads(tmp_path, tiny_checkpoint):
+    from data_engine.synth_late import write_split
+
+    write_split(tmp_path / "data", "val", 3, seed=0, per_shard=8, image_size=168, detour_steps=4,
+                detour="uniform")
+    out = tmp_path / "reads.json"
+    assert main(["--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "data" / "val"),
+                 "--out", str(out), "--dvr", "1", "--max_pixels", str(168 * 168)]) == 0
+    result = json.loads(out.read_text())
+    assert result["total"] == 3 and len(result["reads"]) == 3  # one read per uniform chain
+    assert result["right"] == sum(r for r, _ in result["reads"].values())
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tiny_checkpoint), "--data", "x", "--out", str(out), "--dvr", "2"])
