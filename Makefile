@@ -67,10 +67,10 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pytest -q
 
 # Plain SFT vs DVR x plain vs PVC decoding on synth's late_lookup task, on CPU (~35 min on 2 cores):
-# writes outputs/evidence/, docs/evidence.md and docs/evidence/survey_*.png (VARIANT=repeat, copy
-# or arithmetic: docs/evidence_VARIANT.md, the configurations tried before). A rerun continues
-# where it stopped; rm -rf outputs/evidence to start afresh (or to run another variant).
-VARIANT ?= survey
+# writes outputs/evidence/, docs/evidence.md and docs/evidence/uniform_*.png (VARIANT=survey,
+# survey_qwen3vl, repeat, copy or arithmetic: docs/evidence_VARIANT.md, the other configurations
+# tried). A rerun continues where it stopped; move outputs/evidence away to run another variant.
+VARIANT ?= uniform
 evidence: venv
 	$(PY) -m tvc_lightning.analyze.evidence --variant $(VARIANT)
 

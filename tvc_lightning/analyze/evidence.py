@@ -1,27 +1,33 @@
 """The evidence run on CPU: plain SFT vs DVR, each decoded plainly and with PVC, on ``late_lookup``.
 
-``python -m tvc_lightning.analyze.evidence [--variant survey|repeat|copy|arithmetic]`` (``make
-evidence``, or ``make evidence VARIANT=repeat``) does, under ``outputs/evidence/``:
+``python -m tvc_lightning.analyze.evidence [--variant uniform|survey|...]`` (``make evidence``, or
+``make evidence VARIANT=survey``) does, under ``outputs/evidence/``:
 
-1. a small random Qwen2-VL checkpoint (``model/``, :data:`MODEL_SIZES`) and ``synth --task
-   late_lookup`` shards (``data/train``, ``data/val``, the variant's sizes in :data:`VARIANTS`),
-   each only if absent;
+1. a small random checkpoint (``model/``, :data:`MODEL_SIZES`; Qwen2-VL unless the variant names
+   another family) and ``synth --task late_lookup`` shards (``data/train``, ``data/val``, the
+   variant's sizes in :data:`VARIANTS`), each only if absent;
 2. the two fits, ``recipes/evidence/plain.yaml`` and ``recipes/evidence/dvr.yaml`` (same data,
    steps and seeds; only ``data.dvr.p`` differs), side by side, one CPU thread each;
 3. ``evaluate --benchmark shards --compare_plain true`` of both checkpoints on ``data/val``, and
    a second PVC evaluation with ``reset none`` (the original image kept after a calibration);
 4. ``analyze forgetting`` and ``analyze removal`` of both;
-5. bootstrap intervals and the variant's document (``docs/evidence.md`` for ``survey``,
+5. for a variant with ``lengths``: held-out splits whose detour is 2x and 4x as long (same items
+   otherwise), read teacher-forced by both arms with and without DVR's copy
+   (:mod:`tvc_lightning.analyze.forced`): decoding cannot test those lengths, the models write
+   the chain lengths they were trained on;
+6. bootstrap intervals and the variant's document (``docs/evidence.md`` for ``uniform``,
    ``docs/evidence_VARIANT.md`` for the others; figures copied to ``docs/evidence/VARIANT_*.png``).
 
-The variants differ in the task's detour only (same model, recipes, steps and seeds), in the order
-they were tried: ``arithmetic`` computes the cell (its models never learned the arithmetic),
-``copy`` copies a word list out before the lookup (its models never learned the long-range copy),
-``repeat`` restates the target sentence by sentence, so that the image is the only long-range
-dependency (its models then never read the image), ``survey`` (the default) is ``repeat`` reading
-all nine cells before the target's: nine visual reads per sample. Every step whose output
-exists is skipped, so a stopped run continues where it stopped; outputs of the other variant are
-refused. The reading between the markers of an existing document is kept when it is rewritten.
+The variants differ in the task's detour (same recipes, steps and seeds), in the order they were
+tried: ``arithmetic`` computes the cell (its models never learned the arithmetic), ``copy`` copies
+a word list out before the lookup (never learned the long-range copy), ``repeat`` restates the
+target sentence by sentence so that the image is the only long-range dependency (the image was
+then not read), ``survey`` reads all nine cells before the target's (reads barely above chance),
+``uniform`` (the default) is ``repeat`` on a one-colour grid, whose read needs no position in the
+image, and ``survey_qwen3vl`` is ``survey`` on a tiny Qwen3-VL, whose tower and M-RoPE can
+represent a cell's position. Every step whose output exists is skipped, so a stopped run
+continues where it stopped; outputs of another variant are refused. The reading between the
+markers of an existing document is kept when it is rewritten.
 """
 
 from __future__ import annotations
@@ -82,7 +88,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
         lengths=(2, 4),
         generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
                         max_new_tokens=640, repetition_penalty=1.0),
-        doc=dict(name="evidence_uniform.md", tokens="~200 question tokens, ~475 response tokens, "
+        doc=dict(name="evidence.md", tokens="~200 question tokens, ~475 response tokens, "
                                                     "36 image tokens")),
     # As repeat, the lookup reading every cell; ~520-token chains.
     "survey": dict(
@@ -90,8 +96,8 @@ VARIANTS: dict[str, dict[str, dict]] = {
                   seed=0),
         generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
                         max_new_tokens=704, repetition_penalty=1.0),
-        doc=dict(name="evidence.md", tokens="~200 question tokens, ~520 response tokens, 36 image "
-                                            "tokens")),
+        doc=dict(name="evidence_survey.md",
+                 tokens="~200 question tokens, ~520 response tokens, 36 image tokens")),
     # As copy, with only short-range text dependencies; ~475-token chains.
     "repeat": dict(
         data=dict(num_train=4000, num_val=128, detour="repeat", detour_steps=14, image_size=168,
@@ -455,9 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     p.add_argument("--machine", default=f"{os.cpu_count()}-core CPU")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per subprocess")
-    p.add_argument("--variant", choices=sorted(VARIANTS), default="survey",
-                   help="the task's detour: restate the target and read every cell (default), "
-                        "restate it and read it, copy a word list, or compute the cell")
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="uniform",
+                   help="the task (VARIANTS): uniform (default: restate the target, read a "
+                        "one-colour grid), survey (read every cell), survey_qwen3vl (survey on a "
+                        "tiny Qwen3-VL), repeat (read the target cell), copy (copy a word list "
+                        "first), arithmetic (compute the cell)")
     args = p.parse_args(argv)
     check_variant(args.root, args.variant)
     timings_file = args.root / "timings.json"
@@ -484,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = timings.get(name, 0.0) + time.monotonic() - start
         timings_file.write_text(json.dumps(timings, indent=2))
         print(f"[evidence] {name} done in {timings[name] / 60:.1f} min", flush=True)
-    command = "make evidence" + ("" if args.variant == "survey" else f" VARIANT={args.variant}")
+    command = "make evidence" + ("" if args.variant == "uniform" else f" VARIANT={args.variant}")
     doc = write_doc(args.root, args.docs, command, args.date, args.machine, timings, args.variant)
     print(f"[evidence] wrote {doc}")
     return 0
