@@ -176,7 +176,10 @@ def test_length_splits_hold_the_same_items_with_longer_detours(tmp_path, monkeyp
     monkeypatch.setattr(evidence, "VARIANTS", variants)
     (tmp_path / "data" / "val").mkdir(parents=True)  # x1 is the fit's held-out split
     jobs = evidence.forced_jobs(tmp_path, "uniform")
-    assert len(jobs) == 3 * 2 * 2
+    # Teacher-forced reads: 3 splits x 2 arms x copy or not; cut-chain decodes on the 2 longer.
+    assert len([j for j in jobs if j.startswith("forced_")]) == 3 * 2 * 2
+    assert sorted(j for j in jobs if j.startswith("decode_")) == sorted(
+        f"decode_{arm}_x{m}_{d}" for m in (2, 4) for arm, d in evidence.DECODED)
     assert all(cmd[cmd.index("--max_pixels") + 1] == str(168 * 168) for cmd in jobs.values())
     d = variants["uniform"]["data"]
     for m in (2, 4):

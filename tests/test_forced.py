@@ -85,3 +85,31 @@ def test_the_command_writes_per_item_reads(tmp_path, tiny_checkpoint):
     assert result["right"] == sum(r for r, _ in result["reads"].values())
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tiny_checkpoint), "--data", "x", "--out", str(out), "--dvr", "2"])
+
+
+def test_cut_chain_decoding(tmp_path, tiny_checkpoint):
+    """The chain is cut right before its reflection sentence (DVR's point); the decode modes map
+    to PVC settings that may calibrate at once; the command scores every item."""
+    from data_engine.synth_late import write_split
+    from tvc_lightning.analyze.forced import cut_before_reflection, decode_config
+
+    for record, _ in _samples("uniform", 3, steps=14):
+        cut = cut_before_reflection(record.response)
+        assert record.response.startswith(cut)
+        assert record.response[len(cut):].lstrip().startswith("Let me check that cell in the image.")
+    with pytest.raises(ValueError, match="no reflection sentence"):
+        cut_before_reflection("Plain text with no second look. The answer is red.")
+    assert [(c.max_calibrations, c.reset, c.min_gap) for c in
+            (decode_config(d, 2, 64) for d in ("plain", "pvc", "pvc_keep"))] == [
+        (0, "visual", 0), (1, "visual", 0), (1, "none", 0)]
+    with pytest.raises(ValueError, match="--decode"):
+        decode_config("pvc_sometimes", 2, 64)
+    write_split(tmp_path / "data", "val", 3, seed=0, per_shard=8, image_size=168, detour_steps=4,
+                detour="uniform")
+    out = tmp_path / "answers.json"
+    assert main(["--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "data" / "val"),
+                 "--out", str(out), "--decode", "pvc", "--max_new_tokens", "8",
+                 "--max_pixels", str(168 * 168)]) == 0
+    result = json.loads(out.read_text())
+    assert result["total"] == 3 and set(result["answers"]) == {f"late-val-{i:06d}" for i in range(3)}
+    assert result["right"] == sum(result["answers"].values())

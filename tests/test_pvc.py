@@ -44,10 +44,10 @@ SCRIPT = [
 ]
 
 
-def _hf_greedy(model, processor, question, images, max_new_tokens):
+def _hf_greedy(model, processor, question, images, max_new_tokens, answer_prefix=""):
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
+                                         add_generation_prompt=True) + answer_prefix
     inputs = processor(text=[text], images=images, return_tensors="pt")
     # The decoder never emits a placeholder (a sampled one would claim features that do not
     # exist): HF's greedy choice gets the same two tokens suppressed.
@@ -380,3 +380,32 @@ def test_hide_image_at_is_checked(tiny):
         pvc_generate(model, processor, QUESTIONS[:2], _images()[:2], PLAIN, hide_image_at=[1])
     with pytest.raises(ValueError, match="ints >= 0"):
         pvc_generate(model, processor, QUESTIONS[:1], _images()[:1], PLAIN, hide_image_at=[-1])
+
+
+def test_answer_prefixes_force_the_start_of_each_answer(tiny):
+    """A forced answer start is decoded on as HF greedy-decodes the prompt with the prefix
+    appended; with calibrations (scripted, counted from the prefix's end), the KV-preserving
+    decode equals the naive recompute and a batch of different prefixes equals one row at a time."""
+    model, processor = tiny
+    prefixes = [" The answer", " Let me count the shapes one by one.", ""]
+    plain = pvc_generate(model, processor, QUESTIONS, _images(), PVCConfig(max_calibrations=0,
+                                                                           max_new_tokens=20),
+                         answer_prefixes=prefixes)
+    for question, images, prefix, result in zip(QUESTIONS, _images(), prefixes, plain, strict=True):
+        assert result.token_ids == _hf_greedy(model, processor, question, images, 20, prefix)
+    config = PVCConfig(max_new_tokens=30, min_new_tokens=30)
+    runs = [pvc_generate(model, processor, QUESTIONS, _images(), config, recompute=recompute,
+                         triggers=ScriptedTriggers(SCRIPT), answer_prefixes=prefixes)
+            for recompute in (False, True)]
+    for a, b in zip(*runs, strict=True):
+        assert [c.trigger for c in a.calibrations] == ["periodic", "reflection", "bridge"]
+        assert a.token_ids == b.token_ids and a.calibrations == b.calibrations
+    for i, (question, images) in enumerate(zip(QUESTIONS, _images(), strict=True)):
+        (single,) = pvc_generate(model, processor, [question], [images], config,
+                                 triggers=ScriptedTriggers(SCRIPT), answer_prefixes=[prefixes[i]])
+        assert single.token_ids == runs[0][i].token_ids
+    with pytest.raises(ValueError, match="answer prefix"):
+        pvc_generate(model, processor, QUESTIONS[:1], _images()[:1], PVCConfig(max_new_tokens=2),
+                     answer_prefixes=["<|im_end|>"])
+    with pytest.raises(ValueError, match="answer_prefixes has 1 entries for 2"):
+        pvc_generate(model, processor, QUESTIONS[:2], _images()[:2], answer_prefixes=["x"])

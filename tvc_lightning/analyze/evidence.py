@@ -49,6 +49,7 @@ from tvc_lightning.analyze.evidence_report import (
     Interval,
     bootstrap_ci,
     cell_reads_markdown,
+    cut_chain_markdown,
     forced_reads_markdown,
     forgetting_summary,
     kept_reading,
@@ -233,13 +234,29 @@ def forced_jobs(root: Path, variant: str) -> dict[str, list[str]]:
                 out = root / arm / "forced" / f"{name}_copy{copy}.json"
                 if out.exists():
                     continue
-                jobs[f"forced_{arm}_{name}_copy{copy}"] = [
-                    sys.executable, "-m", "tvc_lightning.analyze.forced",
-                    "--checkpoint", str(root / arm / "checkpoints" / "last.ckpt"),
-                    "--base_model", str(root / "model"), "--data", str(split), "--out", str(out),
-                    "--dvr", str(copy), "--max_pixels", str(max_pixels(variant)),
-                    "--pool_kernel", str(VARIANTS[variant]["generation"]["pool_kernel"])]
+                jobs[f"forced_{arm}_{name}_copy{copy}"] = _forced_cmd(root, arm, split, out, variant,
+                                                                      ["--dvr", str(copy)])
+        if name == "x1":
+            continue  # evaluate decodes the held-out split itself
+        for arm, decoding in DECODED:
+            out = root / arm / "forced" / f"{name}_decode_{decoding}.json"
+            if not out.exists():
+                jobs[f"decode_{arm}_{name}_{decoding}"] = _forced_cmd(root, arm, split, out, variant,
+                                                                      ["--decode", decoding])
     return jobs
+
+
+# The cut-chain decodings run on the longer splits: the scored comparison and its reset-free twin.
+DECODED = (("plain", "plain"), ("dvr", "pvc"), ("dvr", "pvc_keep"))
+
+
+def _forced_cmd(root: Path, arm: str, split: Path, out: Path, variant: str,
+                extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "tvc_lightning.analyze.forced",
+            "--checkpoint", str(root / arm / "checkpoints" / "last.ckpt"),
+            "--base_model", str(root / "model"), "--data", str(split), "--out", str(out),
+            "--max_pixels", str(max_pixels(variant)),
+            "--pool_kernel", str(VARIANTS[variant]["generation"]["pool_kernel"]), *extra]
 
 
 def fit_jobs(root: Path, recipes: Path, variant: str) -> dict[str, list[str]]:
@@ -400,7 +417,17 @@ def forced_reads(root: Path, variant: str) -> list[str]:
     for name in splits:
         n = steps * int(name[1:])
         columns[name] = f"{name}: {max(1, n - n // 4)}-{n + n // 4} checks"
-    return forced_reads_markdown(reads, diffs, columns)
+    longer = [name for name in splits if name != "x1"]
+    flags = {(arm, d, name): json.loads((root / arm / "forced" / f"{name}_decode_{d}.json")
+                                        .read_text(encoding="utf-8"))["answers"]
+             for arm, d in DECODED for name in longer}
+    decoded = {k: bootstrap_ci([v[i] for i in ids], RESAMPLES) for k, v in flags.items()}
+    decoded_diffs = {(d, name): paired_diff_ci([flags[("dvr", d, name)][i] for i in ids],
+                                               [flags[("plain", "plain", name)][i] for i in ids],
+                                               RESAMPLES)
+                     for d in ("pvc", "pvc_keep") for name in longer}
+    return forced_reads_markdown(reads, diffs, columns) + cut_chain_markdown(
+        decoded, decoded_diffs, {k: columns[k] for k in longer}, DECODED)
 
 
 def sizes_text(variant: str) -> dict[str, str]:

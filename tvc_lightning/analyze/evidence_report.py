@@ -146,6 +146,28 @@ def forced_reads_markdown(reads: Mapping[tuple[str, int, str], Interval],
     return lines
 
 
+def cut_chain_markdown(answers: Mapping[tuple[str, str, str], Interval],
+                       diffs: Mapping[tuple[str, str], Interval], columns: Mapping[str, str],
+                       rows: Sequence[tuple[str, str]]) -> list[str]:
+    """The section on answers decoded after the reference chain cut at its reflection sentence:
+    ``answers[(arm, decoding, column)]``, ``diffs[(decoding, column)]`` = DVR with that decoding
+    minus plain SFT with plain decoding."""
+    lines = ["## Answers decoded after a longer chain", "",
+             "The same longer chains, cut just before their reflection sentence and given as the "
+             "answer's start (`analyze.forced --decode`); the model writes the rest (one "
+             "calibration allowed from the first generated token) and the answer is scored.", "",
+             "| training | decoding | " + " | ".join(columns.values()) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    names = {**MODE_NAMES, "pvc_keep": "PVC, original kept"}
+    for arm, d in rows:
+        lines.append(f"| {ARM_NAMES[arm]} | {names[d]} | "
+                     + " | ".join(answers[(arm, d, c)].fmt() for c in columns) + " |")
+    lines += [""] + [f"dvr+{d} - plain+plain, paired by item: "
+                     + "; ".join(f"{columns[c]}: {diffs[(d, c)].fmt(signed=True)}" for c in columns)
+                     + "." for d in ("pvc", "pvc_keep")] + [""]
+    return lines
+
+
 def accuracy_table(cells: Mapping[tuple[str, str], Interval]) -> str:
     """The 2x2 markdown table: rows are the training arms, columns the decodings."""
     lines = ["| training \\ decoding | " + " | ".join(MODE_NAMES[m] for m in MODES) + " |",

@@ -1,6 +1,7 @@
-"""Teacher-forced reads: does a model read the image at a point of a chain it did not write?
+"""Forced chains: does a model read the image at a point of a chain it did not write?
 
 ``python -m tvc_lightning.analyze.forced --checkpoint CKPT --data SHARDS --out reads.json``
+``python -m tvc_lightning.analyze.forced --decode pvc --checkpoint CKPT --data SHARDS --out answers.json``
 
 Decoding can only test a model at the lengths it writes itself: a model trained on ~15-step
 chains writes ~15 steps when asked for 30, so a longer held-out chain never gets a late read.
@@ -14,6 +15,12 @@ Only the final hidden states at those positions go through the LM head: no full-
 logits for the sequence.
 
 Writes ``{"reads": {id: [right, total]}, "right": R, "total": T, "rate": R / T, ...}``.
+
+With ``--decode plain|pvc|pvc_keep`` the reference chain is instead cut just before its first
+reflection sentence (DVR's injection point) and given as the start of the answer; the model
+decodes the rest (greedy; ``pvc``: one calibration allowed from the first generated token, the
+original image hidden after it; ``pvc_keep``: kept, reset none) and the answer is scored:
+``{"answers": {id: correct}, "accuracy": ..., ...}``.
 """
 
 from __future__ import annotations
@@ -88,6 +95,48 @@ def forced_reads(module: Any, encoder: Any, samples: list[tuple[Any, list[Any]]]
     return out
 
 
+DECODINGS = ("plain", "pvc", "pvc_keep")
+
+
+def decode_config(decoding: str, pool_kernel: int, max_new_tokens: int) -> Any:
+    """The PVC settings of a ``--decode`` mode: a calibration may fire on the first generated
+    token (min_gap 0), since the chain before it is given."""
+    from tvc_lightning.pvc import PVCConfig
+
+    if decoding not in DECODINGS:
+        raise ValueError(f"--decode must be one of {DECODINGS}, got {decoding!r}")
+    return PVCConfig(pool_kernel=pool_kernel, reset="none" if decoding == "pvc_keep" else "visual",
+                     max_calibrations=0 if decoding == "plain" else 1, min_gap=0,
+                     max_new_tokens=max_new_tokens)
+
+
+def cut_before_reflection(response: str) -> str:
+    """The response up to its first reflection sentence (DVR's first candidate point)."""
+    from tvc_lightning.data.dvr import DVRTransform
+
+    points = DVRTransform().reflection_points(response)
+    if not points:
+        raise ValueError(f"no reflection sentence to cut the chain at: {response[:80]!r}...")
+    return response[:points[0]].rstrip()
+
+
+def decoded_answers(model: Any, processor: Any, samples: list[tuple[Any, list[Any]]],
+                    config: Any, batch_size: int = 32) -> dict[str, bool]:
+    """Per sample id: whether the answer decoded after the cut reference chain is right."""
+    from tvc_lightning.pvc import pvc_generate
+    from tvc_lightning.scoring import score_record
+
+    out = {}
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        results = pvc_generate(model, processor, [r.question for r, _ in chunk],
+                               [images for _, images in chunk], config,
+                               answer_prefixes=[cut_before_reflection(r.response) for r, _ in chunk])
+        for (record, _), result in zip(chunk, results, strict=True):
+            out[record.id] = score_record(result.text, record)[1]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from tvc_lightning.analyze.cli import load_samples
     from tvc_lightning.data.dvr import DVRTransform
@@ -110,18 +159,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--words", nargs="+", default=list(PALETTE),
                    help="the words read (default: late_lookup's ten colours)")
+    p.add_argument("--decode", choices=DECODINGS, default=None,
+                   help="decode the answer after the cut chain instead of reading teacher-forced")
+    p.add_argument("--max_new_tokens", type=int, default=96, help="--decode: tokens generated")
+    p.add_argument("--batch_size", type=int, default=32, help="--decode: samples decoded together")
     args = p.parse_args(argv)
 
     model, processor_dir = load_for_eval(args.checkpoint, args.base_model, "float32", "sdpa")
     processor = load_processor(processor_dir, None, args.max_pixels)
+    samples = load_samples(args.data, args.limit, processor)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.decode is not None:
+        config = decode_config(args.decode, args.pool_kernel, args.max_new_tokens)
+        answers = decoded_answers(model.eval(), processor, samples, config, args.batch_size)
+        right = sum(answers.values())
+        args.out.write_text(json.dumps({
+            "checkpoint": args.checkpoint, "data": args.data, "decode": args.decode,
+            "right": right, "total": len(answers), "accuracy": right / len(answers),
+            "answers": answers}, indent=1), encoding="utf-8")
+        print(f"forced-chain answers ({args.decode}): {right}/{len(answers)} right -> {args.out}")
+        return 0
     module = TVCModule("unused", freeze=[])
     module.model = model.eval()
     dvr = DVRTransform(p=float(args.dvr), max_injections=1, pool_kernel=args.pool_kernel)
     encoder = SampleEncoder(processor, max_length=args.max_length, dvr=dvr)
-    samples = load_samples(args.data, args.limit, processor)
     reads = forced_reads(module, encoder, samples, args.words)
     right, total = sum(r for r, _ in reads.values()), sum(t for _, t in reads.values())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "checkpoint": args.checkpoint, "data": args.data, "dvr": args.dvr, "right": right,
         "total": total, "rate": right / total if total else None,

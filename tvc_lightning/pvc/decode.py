@@ -73,7 +73,7 @@ class _Decoder:
     # -- set-up ------------------------------------------------------------------------------
 
     def _rows(self, questions: list[str], images: list[list[Image.Image]],
-              hide_at: list[int | None]) -> list[RowState]:
+              hide_at: list[int | None], prefixes: list[str]) -> list[RowState]:
         vision = [self.image_processor(images=imgs, return_tensors="pt") for imgs in images]
         grid_thw = torch.cat([v["image_grid_thw"] for v in vision]).to(self.device)
         pixels = torch.cat([v["pixel_values"] for v in vision]).to(self.device)
@@ -82,11 +82,12 @@ class _Decoder:
         grids = merged_grids(grid_thw, self.family.merge_size(self.model))
         rows, k = [], 0
         for sample, (question, imgs) in enumerate(zip(questions, images, strict=True)):
-            if self.special.search(question):
-                raise ValueError(f"question {sample} contains a control-token string: {question!r}")
+            if self.special.search(question + prefixes[sample]):
+                raise ValueError(f"question {sample} or its answer prefix contains a control-token "
+                                 f"string: {question!r}")
             n = len(imgs)
             row_grids = grids[k:k + n]
-            text = self.chat.prompt(question, [h * w for h, w in row_grids])
+            text = self.chat.prompt(question, [h * w for h, w in row_grids]) + prefixes[sample]
             ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             pos = self.family.positions(ids, self.image_token_id, row_grids)
             kinds = torch.where(ids == self.image_token_id, ORIGINAL, TEXT)
@@ -282,16 +283,16 @@ class _Decoder:
 
     @torch.no_grad()
     def run(self, questions: list[str], images: list[list[Image.Image]],
-            hide_at: list[int | None]) -> list[PVCResult]:
+            hide_at: list[int | None], prefixes: list[str]) -> list[PVCResult]:
         try:
-            return self._run(questions, images, hide_at)
+            return self._run(questions, images, hide_at, prefixes)
         finally:
             if self.probe is not None:
                 self.probe.remove()
 
     def _run(self, questions: list[str], images: list[list[Image.Image]],
-             hide_at: list[int | None]) -> list[PVCResult]:
-        rows = self._rows(questions, images, hide_at)
+             hide_at: list[int | None], prefixes: list[str]) -> list[PVCResult]:
+        rows = self._rows(questions, images, hide_at, prefixes)
         done: list[RowState] = []
         cache, kinds, logits = self._prefill(rows)
         vocab = logits.shape[-1]
@@ -377,6 +378,7 @@ def pvc_generate(
     sync: Callable[[bool], bool] | None = None,
     measure_attention: bool = False,
     hide_image_at: list[int | None] | None = None,
+    answer_prefixes: list[str] | None = None,
 ) -> list[PVCResult]:
     """Decode answers to ``questions`` (one list of PIL images each) with PVC.
 
@@ -394,6 +396,8 @@ def pvc_generate(
     ``0..s-1`` are predicted seeing the image, the rest not; 0 hides it from the whole answer
     (the prefill's last position included); ``s`` at or past the answer's end changes nothing.
     With ``recompute=True`` a hide re-prefills the whole sequence under the 4-D visibility mask.
+    ``answer_prefixes`` (one per question) force the start of each answer: the text is appended
+    to the prompt, and the result, triggers and ``min_gap`` count only what is generated after it.
     """
     if len(questions) != len(images):
         raise ValueError(f"{len(questions)} questions but {len(images)} image lists")
@@ -406,7 +410,10 @@ def pvc_generate(
         raise ValueError(f"hide_image_at entries must be None or ints >= 0, got {hide_image_at}")
     if any(not imgs for imgs in images):
         raise ValueError("every question needs at least one image")
+    prefixes = [""] * len(questions) if answer_prefixes is None else list(answer_prefixes)
+    if len(prefixes) != len(questions):
+        raise ValueError(f"answer_prefixes has {len(prefixes)} entries for {len(questions)} questions")
     chat = chat or ChatFormat.for_family(family_of(model))
     decoder = _Decoder(model, processor, config or PVCConfig(), chat, recompute,
                        triggers, sync, measure_attention)
-    return decoder.run(questions, images, list(hide_image_at))
+    return decoder.run(questions, images, list(hide_image_at), prefixes)
