@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the words read (default: late_lookup's ten colours)")
     p.add_argument("--decode", choices=DECODINGS, default=None,
                    help="decode the answer after the cut chain instead of reading teacher-forced")
-    p.add_argument("--max_new_tokens", type=int, default=96, help="--decode: tokens generated")
+    p.add_argument("--max_new_tokens", type=int, default=256,
+                   help="--decode: tokens generated at most (the lookup and answer that follow the cut)")
     p.add_argument("--batch_size", type=int, default=32, help="--decode: samples decoded together")
     args = p.parse_args(argv)
 
