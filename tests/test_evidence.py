@@ -164,24 +164,21 @@ def test_every_variant_shows_a_6x6_merged_grid_to_its_family(tmp_path, variant):
 def test_length_splits_hold_the_same_items_with_longer_detours(tmp_path, monkeypatch):
     """forced_jobs writes the 2x and 4x splits (same image and target per item, the restated part
     m times as long) and reads each split by both arms, with and without the copy."""
-    import copy
-
     from data_engine.synth_late import make_sample
-    from tvc_lightning.analyze import evidence
+    from tvc_lightning.analyze import evidence_lengths
+    from tvc_lightning.analyze.evidence_variants import VARIANTS
     from tvc_lightning.data.shards import load_split
     from tvc_lightning.data.skips import SkipCounter
 
-    variants = copy.deepcopy(evidence.VARIANTS)
-    variants["uniform"]["data"]["num_val"] = 3
-    monkeypatch.setattr(evidence, "VARIANTS", variants)
+    monkeypatch.setitem(VARIANTS["uniform"]["data"], "num_val", 3)
     (tmp_path / "data" / "val").mkdir(parents=True)  # x1 is the fit's held-out split
-    jobs = evidence.forced_jobs(tmp_path, "uniform")
+    jobs = evidence_lengths.forced_jobs(tmp_path, "uniform")
     # Teacher-forced reads: 3 splits x 2 arms x copy or not; cut-chain decodes on the 2 longer.
     assert len([j for j in jobs if j.startswith("forced_")]) == 3 * 2 * 2
     assert sorted(j for j in jobs if j.startswith("decode_")) == sorted(
-        f"decode_{arm}_x{m}_{d}" for m in (2, 4) for arm, d in evidence.DECODED)
+        f"decode_{arm}_x{m}_{d}" for m in (2, 4) for arm, d in evidence_lengths.DECODED)
     assert all(cmd[cmd.index("--max_pixels") + 1] == str(168 * 168) for cmd in jobs.values())
-    d = variants["uniform"]["data"]
+    d = VARIANTS["uniform"]["data"]
     for m in (2, 4):
         records = [r for r, _ in load_split(str(tmp_path / f"data_x{m}" / "val"), SkipCounter(),
                                              world_size=1, rank=0)]
@@ -193,4 +190,4 @@ def test_length_splits_hold_the_same_items_with_longer_detours(tmp_path, monkeyp
             n, n_base = (int(r.question.split("Restate the target ")[1].split()[0])
                          for r in (record, base))
             assert n > n_base and 0.75 * m * 14 - 1 <= n <= 1.25 * m * 14
-    assert evidence.forced_jobs(tmp_path, "survey") == {}  # no lengths: no stage
+    assert evidence_lengths.forced_jobs(tmp_path, "survey") == {}  # no lengths: no stage

@@ -3,18 +3,18 @@
 ``python -m tvc_lightning.analyze.evidence [--variant uniform|survey|...]`` (``make evidence``, or
 ``make evidence VARIANT=survey``) does, under ``outputs/evidence/``:
 
-1. a small random checkpoint (``model/``, :data:`MODEL_SIZES`; Qwen2-VL unless the variant names
-   another family) and ``synth --task late_lookup`` shards (``data/train``, ``data/val``, the
-   variant's sizes in :data:`VARIANTS`), each only if absent;
+1. a small random checkpoint (``model/``, ``MODEL_SIZES`` of :mod:`.evidence_variants`; Qwen2-VL
+   unless the variant names another family) and ``synth --task late_lookup`` shards
+   (``data/train``, ``data/val``, the variant's sizes in ``VARIANTS``), each only if absent;
 2. the two fits, ``recipes/evidence/plain.yaml`` and ``recipes/evidence/dvr.yaml`` (same data,
    steps and seeds; only ``data.dvr.p`` differs), side by side, one CPU thread each;
 3. ``evaluate --benchmark shards --compare_plain true`` of both checkpoints on ``data/val``, and
    a second PVC evaluation with ``reset none`` (the original image kept after a calibration);
 4. ``analyze forgetting`` and ``analyze removal`` of both;
 5. for a variant with ``lengths``: held-out splits whose detour is 2x and 4x as long (same items
-   otherwise), read teacher-forced by both arms with and without DVR's copy
-   (:mod:`tvc_lightning.analyze.forced`): decoding cannot test those lengths, the models write
-   the chain lengths they were trained on;
+   otherwise), read teacher-forced by both arms with and without DVR's copy, and decoded after
+   the chain cut at its reflection (:mod:`.evidence_lengths`, :mod:`tvc_lightning.analyze.forced`): free decoding cannot reach
+   those lengths, the models write the chain lengths they were trained on;
 6. bootstrap intervals and the variant's document (``docs/evidence.md`` for ``uniform``,
    ``docs/evidence_VARIANT.md`` for the others; figures copied to ``docs/evidence/VARIANT_*.png``).
 
@@ -43,14 +43,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from tvc_lightning.analyze.evidence_lengths import forced_jobs, lengths_section
 from tvc_lightning.analyze.evidence_report import (
     ARMS,
     MODES,
     Interval,
     bootstrap_ci,
     cell_reads_markdown,
-    cut_chain_markdown,
-    forced_reads_markdown,
     forgetting_summary,
     kept_reading,
     paired_diff_ci,
@@ -60,91 +59,21 @@ from tvc_lightning.analyze.evidence_report import (
     removal_summary,
     render_doc,
 )
+from tvc_lightning.analyze.evidence_variants import (
+    FAMILY_NAMES,
+    MODEL_SIZES,
+    RESAMPLES,
+    VARIANTS,
+    family,
+    generation_flags,
+    max_pixels,
+    subprocess_env,
+    synth_split,
+)
 
-MODEL_SIZES = dict(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2,
-                   intermediate_size=512, vision_depth=2, vision_dim=64, vision_heads=2)
-FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen3_vl": "Qwen3-VL"}
-# A variant's model family is Qwen2-VL unless it says otherwise; images are image_size squares,
-# read at full size (max_pixels = image_size ** 2): 6 x 6 merged tokens in both families.
-VARIANTS: dict[str, dict[str, dict]] = {
-    # As survey, on a tiny Qwen3-VL: its tower adds a learned position embedding to every patch
-    # and its M-RoPE interleaves the three axes over all frequencies, where the tiny Qwen2-VL's
-    # random tower has no absolute position and its width axis gets the five lowest rotary
-    # frequencies (columns 0-5 turn a query by under 0.01 rad). 192 px: Qwen3-VL's 32-px merged
-    # tokens, 6 x 6 of them, one pooled token per cell.
-    "survey_qwen3vl": dict(
-        family="qwen3_vl",
-        data=dict(num_train=4000, num_val=128, detour="survey", detour_steps=8, image_size=192,
-                  seed=0),
-        lengths=(2, 4),
-        generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
-                        max_new_tokens=704, repetition_penalty=1.0),
-        doc=dict(name="evidence_survey_qwen3vl.md",
-                 tokens="~200 question tokens, ~520 response tokens, 36 image tokens")),
-    # As repeat (same question, chain and lengths), every cell one colour: no position to find.
-    # lengths: held-out splits whose detour is 2x and 4x as long, read teacher-forced.
-    "uniform": dict(
-        data=dict(num_train=4000, num_val=128, detour="uniform", detour_steps=14, image_size=168,
-                  seed=0),
-        lengths=(2, 4),
-        generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
-                        max_new_tokens=640, repetition_penalty=1.0),
-        doc=dict(name="evidence.md", tokens="~200 question tokens, ~475 response tokens, "
-                                                    "36 image tokens")),
-    # As repeat, the lookup reading every cell; ~520-token chains.
-    "survey": dict(
-        data=dict(num_train=4000, num_val=128, detour="survey", detour_steps=8, image_size=168,
-                  seed=0),
-        generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
-                        max_new_tokens=704, repetition_penalty=1.0),
-        doc=dict(name="evidence_survey.md",
-                 tokens="~200 question tokens, ~520 response tokens, 36 image tokens")),
-    # As copy, with only short-range text dependencies; ~475-token chains.
-    "repeat": dict(
-        data=dict(num_train=4000, num_val=128, detour="repeat", detour_steps=14, image_size=168,
-                  seed=0),
-        generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
-                        max_new_tokens=640, repetition_penalty=1.0),
-        doc=dict(name="evidence_repeat.md", tokens="~200 question tokens, ~475 response tokens, "
-                                                   "36 image tokens")),
-    # The lookup sentence opens with the chain's only reflection phrase: DVR injects its one copy
-    # there and PVC calibrates there once (no periodic calibration); ~485-token chains.
-    "copy": dict(
-        data=dict(num_train=4000, num_val=128, detour="copy", detour_steps=40, image_size=168,
-                  seed=0),
-        generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
-                        max_new_tokens=640, repetition_penalty=1.0),
-        doc=dict(name="evidence_copy.md", tokens="~300 question tokens, ~485 response tokens, "
-                                                 "36 image tokens")),
-    # PVC as DVR trained it: the same pooling (6 x 6 merged grid -> 3 x 3), a calibration at a
-    # reflection phrase or bridge, else every 200 tokens (DVR's fallback is the response
-    # midpoint, ~220 tokens into these ~440-token chains); greedy, long enough for the chain.
-    "arithmetic": dict(
-        data=dict(num_train=4000, num_val=128, detour="arithmetic", detour_steps=1,
-                  image_size=168, seed=0),
-        generation=dict(pool_kernel=2, reset="visual", every_n_tokens=200, min_gap=64,
-                        max_calibrations=2, max_new_tokens=640, repetition_penalty=1.0),
-        doc=dict(name="evidence_arithmetic.md",
-                 tokens="~320 question tokens, ~440 response tokens, 36 image tokens")),
-}
 FORGETTING_LIMIT = 16
 REMOVAL_LIMIT = 32
 REMOVAL_GRID = "[0, 0.25, 0.5, 0.75, 1]"
-RESAMPLES = 2000
-
-
-def _generation_flags(variant: str, **override: object) -> list[str]:
-    settings = {**VARIANTS[variant]["generation"], **override}
-    return [f"--generation.{k}={v}" for k, v in settings.items()]
-
-
-def _env(threads: int) -> dict[str, str]:
-    # Two processes share two cores: several BLAS threads each thrash (50x slower decode steps
-    # measured on this machine), one thread each does not.
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
-    return env
 
 
 def run_parallel(jobs: dict[str, list[str]], logs: Path, threads: int,
@@ -161,8 +90,9 @@ def run_parallel(jobs: dict[str, list[str]], logs: Path, threads: int,
     for name, cmd in jobs.items():
         log = (logs / f"{name}.log").open("w", encoding="utf-8")
         print(f"[evidence] {name}: {' '.join(cmd)}", flush=True)
-        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(threads)),
-                       log)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env=subprocess_env(threads))
+        procs[name] = (proc, log)
     failed = []
     for name, (proc, log) in procs.items():
         if proc.wait() != 0:
@@ -184,79 +114,13 @@ def check_variant(root: Path, variant: str) -> None:
     marker.write_text(variant + "\n")
 
 
-def family(variant: str) -> str:
-    return VARIANTS[variant].get("family", "qwen2_vl")
-
-
-def max_pixels(variant: str) -> int:
-    return VARIANTS[variant]["data"]["image_size"] ** 2
-
-
-def _synth(out: Path, variant: str, num_train: int, scale: int = 1) -> None:
-    s = VARIANTS[variant]["data"]
-    subprocess.run([sys.executable, "-m", "data_engine", "synth", "--task", "late_lookup",
-                    "--out", str(out), "--num-train", str(num_train),
-                    "--num-val", str(s["num_val"]), "--detour", s["detour"],
-                    "--detour-steps", str(s["detour_steps"] * scale),
-                    "--image-size", str(s["image_size"]), "--seed", str(s["seed"])],
-                   check=True, env=_env(1))
-
-
 def build_inputs(root: Path, variant: str) -> None:
     """The random checkpoint and the shards, each only if absent."""
     from tvc_lightning.testing import save_tiny
 
     save_tiny(root / "model", family(variant), seed=0, **MODEL_SIZES)
     if not (root / "data" / "val").exists():
-        _synth(root / "data", variant, VARIANTS[variant]["data"]["num_train"])
-
-
-def length_splits(root: Path, variant: str) -> dict[str, Path]:
-    """``x1`` (the held-out split) and, per ``lengths`` scale m, ``xm``: the same items (same
-    seeds: same image and target) with an m-times longer detour."""
-    splits = {"x1": root / "data" / "val"}
-    for m in VARIANTS[variant].get("lengths", ()):
-        splits[f"x{m}"] = root / f"data_x{m}" / "val"
-    return splits
-
-
-def forced_jobs(root: Path, variant: str) -> dict[str, list[str]]:
-    """Teacher-forced reads of both arms, with and without a copy, on every length split (the
-    longer splits are written first if absent); none for a variant without ``lengths``."""
-    if not VARIANTS[variant].get("lengths"):
-        return {}
-    jobs = {}
-    for name, split in length_splits(root, variant).items():
-        if not split.exists():
-            _synth(split.parent, variant, 0, scale=int(name[1:]))
-        for arm in ARMS:
-            for copy in (0, 1):
-                out = root / arm / "forced" / f"{name}_copy{copy}.json"
-                if out.exists():
-                    continue
-                jobs[f"forced_{arm}_{name}_copy{copy}"] = _forced_cmd(root, arm, split, out, variant,
-                                                                      ["--dvr", str(copy)])
-        if name == "x1":
-            continue  # evaluate decodes the held-out split itself
-        for arm, decoding in DECODED:
-            out = root / arm / "forced" / f"{name}_decode_{decoding}.json"
-            if not out.exists():
-                jobs[f"decode_{arm}_{name}_{decoding}"] = _forced_cmd(root, arm, split, out, variant,
-                                                                      ["--decode", decoding])
-    return jobs
-
-
-# The cut-chain decodings run on the longer splits: the scored comparison and its reset-free twin.
-DECODED = (("plain", "plain"), ("dvr", "pvc"), ("dvr", "pvc_keep"))
-
-
-def _forced_cmd(root: Path, arm: str, split: Path, out: Path, variant: str,
-                extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "tvc_lightning.analyze.forced",
-            "--checkpoint", str(root / arm / "checkpoints" / "last.ckpt"),
-            "--base_model", str(root / "model"), "--data", str(split), "--out", str(out),
-            "--max_pixels", str(max_pixels(variant)),
-            "--pool_kernel", str(VARIANTS[variant]["generation"]["pool_kernel"]), *extra]
+        synth_split(root / "data", variant, VARIANTS[variant]["data"]["num_train"])
 
 
 def fit_jobs(root: Path, recipes: Path, variant: str) -> dict[str, list[str]]:
@@ -287,8 +151,8 @@ def eval_jobs(root: Path, variant: str) -> dict[str, list[str]]:
     (``eval_keep``): the evaluations not done yet."""
     jobs = {}
     for arm in ARMS:
-        for name, extra in (("eval", ["--compare_plain", "true", *_generation_flags(variant)]),
-                            ("eval_keep", _generation_flags(variant, reset="none"))):
+        for name, extra in (("eval", ["--compare_plain", "true", *generation_flags(variant)]),
+                            ("eval_keep", generation_flags(variant, reset="none"))):
             out = root / arm / name
             if (out / "summary.json").exists():
                 continue
@@ -317,7 +181,7 @@ def analyze_jobs(root: Path, command: str, variant: str) -> dict[str, list[str]]
             "--checkpoint", str(root / arm / "checkpoints" / "last.ckpt"),
             "--base_model", str(root / "model"), "--data", str(root / "data" / "val"),
             "--out", str(out), "--max_pixels", str(max_pixels(variant)), *extra,
-            *_generation_flags(variant)]
+            *generation_flags(variant)]
     return jobs
 
 
@@ -399,37 +263,6 @@ def cell_reads(root: Path, variant: str) -> list[str]:
     return cell_reads_markdown(reads, diff)
 
 
-def forced_reads(root: Path, variant: str) -> list[str]:
-    """The teacher-forced reads section (empty for a variant without ``lengths``)."""
-    if not VARIANTS[variant].get("lengths"):
-        return []
-    splits = length_splits(root, variant)
-    counts = {(arm, copy, name): json.loads(
-        (root / arm / "forced" / f"{name}_copy{copy}.json").read_text(encoding="utf-8"))["reads"]
-        for arm in ARMS for copy in (0, 1) for name in splits}
-    ids = sorted(set.intersection(*(set(c) for c in counts.values())))
-    vec = {k: [tuple(c[i]) for i in ids] for k, c in counts.items()}
-    reads = {k: pooled_rate_ci(v, RESAMPLES) for k, v in vec.items()}
-    diffs = {name: paired_pooled_rate_diff_ci(vec[("dvr", 1, name)], vec[("plain", 0, name)],
-                                              RESAMPLES) for name in splits}
-    steps = VARIANTS[variant]["data"]["detour_steps"]
-    columns = {}
-    for name in splits:
-        n = steps * int(name[1:])
-        columns[name] = f"{name}: {max(1, n - n // 4)}-{n + n // 4} checks"
-    longer = [name for name in splits if name != "x1"]
-    flags = {(arm, d, name): json.loads((root / arm / "forced" / f"{name}_decode_{d}.json")
-                                        .read_text(encoding="utf-8"))["answers"]
-             for arm, d in DECODED for name in longer}
-    decoded = {k: bootstrap_ci([v[i] for i in ids], RESAMPLES) for k, v in flags.items()}
-    decoded_diffs = {(d, name): paired_diff_ci([flags[("dvr", d, name)][i] for i in ids],
-                                               [flags[("plain", "plain", name)][i] for i in ids],
-                                               RESAMPLES)
-                     for d in ("pvc", "pvc_keep") for name in longer}
-    return forced_reads_markdown(reads, diffs, columns) + cut_chain_markdown(
-        decoded, decoded_diffs, {k: columns[k] for k in longer}, DECODED)
-
-
 def sizes_text(variant: str) -> dict[str, str]:
     m, d, g = MODEL_SIZES, VARIANTS[variant]["data"], VARIANTS[variant]["generation"]
     return {
@@ -473,7 +306,7 @@ def write_doc(root: Path, docs: Path, command: str, date: str, machine: str,
         forgetting=forgetting, removal=removal, figures=figures, timings=timings,
         train_loss={arm: final_train_loss(root / arm) for arm in ARMS}, chance=chance,
         reading=reading, resamples=RESAMPLES, cell_reads=cell_reads(root, variant),
-        forced_reads=forced_reads(root, variant)),
+        forced_reads=lengths_section(root, variant)),
         encoding="utf-8")
     return doc
 

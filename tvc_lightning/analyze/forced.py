@@ -33,8 +33,6 @@ from typing import Any
 
 import torch
 
-from data_engine.synth_late import PALETTE
-
 
 def word_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:
     """The tokens of `` word`` for each word, longest first (a match takes the longest)."""
@@ -138,6 +136,7 @@ def decoded_answers(model: Any, processor: Any, samples: list[tuple[Any, list[An
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_engine.synth_late import PALETTE
     from tvc_lightning.analyze.cli import load_samples
     from tvc_lightning.data.dvr import DVRTransform
     from tvc_lightning.data.tokenize import SampleEncoder

@@ -1,0 +1,111 @@
+"""The evidence run's configurations (:mod:`tvc_lightning.analyze.evidence`): the model size,
+the task variants, and the helpers every stage shares (variant settings, subprocess set-up)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+MODEL_SIZES = dict(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2,
+                   intermediate_size=512, vision_depth=2, vision_dim=64, vision_heads=2)
+FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen3_vl": "Qwen3-VL"}
+# A variant's model family is Qwen2-VL unless it says otherwise; images are image_size squares,
+# read at full size (max_pixels = image_size ** 2): 6 x 6 merged tokens in both families.
+VARIANTS: dict[str, dict[str, dict]] = {
+    # As survey, on a tiny Qwen3-VL: its tower adds a learned position embedding to every patch
+    # and its M-RoPE interleaves the three axes over all frequencies, where the tiny Qwen2-VL's
+    # random tower has no absolute position and its width axis gets the five lowest rotary
+    # frequencies (columns 0-5 turn a query by under 0.01 rad). 192 px: Qwen3-VL's 32-px merged
+    # tokens, 6 x 6 of them, one pooled token per cell.
+    "survey_qwen3vl": dict(
+        family="qwen3_vl",
+        data=dict(num_train=4000, num_val=128, detour="survey", detour_steps=8, image_size=192,
+                  seed=0),
+        lengths=(2, 4),
+        generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
+                        max_new_tokens=704, repetition_penalty=1.0),
+        doc=dict(name="evidence_survey_qwen3vl.md",
+                 tokens="~200 question tokens, ~520 response tokens, 36 image tokens")),
+    # As repeat (same question, chain and lengths), every cell one colour: no position to find.
+    # lengths: held-out splits whose detour is 2x and 4x as long, read teacher-forced.
+    "uniform": dict(
+        data=dict(num_train=4000, num_val=128, detour="uniform", detour_steps=14, image_size=168,
+                  seed=0),
+        lengths=(2, 4),
+        generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
+                        max_new_tokens=640, repetition_penalty=1.0),
+        doc=dict(name="evidence.md", tokens="~200 question tokens, ~475 response tokens, "
+                                                    "36 image tokens")),
+    # As repeat, the lookup reading every cell; ~520-token chains.
+    "survey": dict(
+        data=dict(num_train=4000, num_val=128, detour="survey", detour_steps=8, image_size=168,
+                  seed=0),
+        generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
+                        max_new_tokens=704, repetition_penalty=1.0),
+        doc=dict(name="evidence_survey.md",
+                 tokens="~200 question tokens, ~520 response tokens, 36 image tokens")),
+    # As copy, with only short-range text dependencies; ~475-token chains.
+    "repeat": dict(
+        data=dict(num_train=4000, num_val=128, detour="repeat", detour_steps=14, image_size=168,
+                  seed=0),
+        generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
+                        max_new_tokens=640, repetition_penalty=1.0),
+        doc=dict(name="evidence_repeat.md", tokens="~200 question tokens, ~475 response tokens, "
+                                                   "36 image tokens")),
+    # The lookup sentence opens with the chain's only reflection phrase: DVR injects its one copy
+    # there and PVC calibrates there once (no periodic calibration); ~485-token chains.
+    "copy": dict(
+        data=dict(num_train=4000, num_val=128, detour="copy", detour_steps=40, image_size=168,
+                  seed=0),
+        generation=dict(pool_kernel=2, reset="visual", min_gap=64, max_calibrations=1,
+                        max_new_tokens=640, repetition_penalty=1.0),
+        doc=dict(name="evidence_copy.md", tokens="~300 question tokens, ~485 response tokens, "
+                                                 "36 image tokens")),
+    # PVC as DVR trained it: the same pooling (6 x 6 merged grid -> 3 x 3), a calibration at a
+    # reflection phrase or bridge, else every 200 tokens (DVR's fallback is the response
+    # midpoint, ~220 tokens into these ~440-token chains); greedy, long enough for the chain.
+    "arithmetic": dict(
+        data=dict(num_train=4000, num_val=128, detour="arithmetic", detour_steps=1,
+                  image_size=168, seed=0),
+        generation=dict(pool_kernel=2, reset="visual", every_n_tokens=200, min_gap=64,
+                        max_calibrations=2, max_new_tokens=640, repetition_penalty=1.0),
+        doc=dict(name="evidence_arithmetic.md",
+                 tokens="~320 question tokens, ~440 response tokens, 36 image tokens")),
+}
+RESAMPLES = 2000
+
+
+def family(variant: str) -> str:
+    return VARIANTS[variant].get("family", "qwen2_vl")
+
+
+def max_pixels(variant: str) -> int:
+    return VARIANTS[variant]["data"]["image_size"] ** 2
+
+
+def generation_flags(variant: str, **override: object) -> list[str]:
+    settings = {**VARIANTS[variant]["generation"], **override}
+    return [f"--generation.{k}={v}" for k, v in settings.items()]
+
+
+def subprocess_env(threads: int) -> dict[str, str]:
+    # Two processes share two cores: several BLAS threads each thrash (50x slower decode steps
+    # measured on this machine), one thread each does not.
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    return env
+
+
+def synth_split(out: Path, variant: str, num_train: int, scale: int = 1) -> None:
+    """``synth --task late_lookup`` shards of ``variant`` in ``out`` (its detour ``scale`` times
+    as long)."""
+    s = VARIANTS[variant]["data"]
+    subprocess.run([sys.executable, "-m", "data_engine", "synth", "--task", "late_lookup",
+                    "--out", str(out), "--num-train", str(num_train),
+                    "--num-val", str(s["num_val"]), "--detour", s["detour"],
+                    "--detour-steps", str(s["detour_steps"] * scale),
+                    "--image-size", str(s["image_size"]), "--seed", str(s["seed"])],
+                   check=True, env=subprocess_env(1))
