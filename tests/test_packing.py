@@ -118,6 +118,10 @@ def test_packed_per_sample_losses_and_gradients_equal_unpacked(fp64, attention):
     reference = _per_sample_reference(module, samples)
     order = _layout(batch, samples)
     params = [p for p in module.model.parameters() if p.requires_grad]
+    # HF's eager attention takes its softmax in float32 even in a float64 model, so its gradients
+    # agree to float32 rounding only (torch 2.14's softmax sums a longer, packed row in another
+    # order: ~1e-7 relative); sdpa and varlen stay float64 throughout.
+    grad_tol = dict(rtol=1e-5, atol=1e-6) if attention == "eager" else dict(rtol=1e-9, atol=1e-12)
     hidden = module.hidden_states(batch)
     labels = batch["labels"][:, 1:]
     token_loss = F.cross_entropy(module.model.lm_head(hidden[:, :-1]).transpose(1, 2), labels,
@@ -135,7 +139,7 @@ def test_packed_per_sample_losses_and_gradients_equal_unpacked(fp64, attention):
         torch.testing.assert_close(loss, loss_ref, rtol=1e-10, atol=1e-10)
         grads = torch.autograd.grad(loss, params, retain_graph=True)
         for g, g_ref in zip(grads, grads_ref, strict=True):
-            torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(g, g_ref, **grad_tol)
     # The module's own loss on the packed batch: the unpacked sums and label counts.
     loss_sum, n_tokens = module.summed_loss(batch)
     torch.testing.assert_close(loss_sum, sum(r[0] for r in reference), rtol=1e-10, atol=1e-10)
