@@ -13,8 +13,9 @@
 4. ``analyze forgetting`` and ``analyze removal`` of both;
 5. for a variant with ``lengths``: held-out splits whose detour is 2x and 4x as long (same items
    otherwise), read teacher-forced by both arms with and without DVR's copy, and decoded after
-   the chain cut at its reflection (:mod:`.evidence_lengths`, :mod:`tvc_lightning.analyze.forced`): free decoding cannot reach
-   those lengths, the models write the chain lengths they were trained on;
+   the chain cut at its reflection (:mod:`.evidence_lengths`, :mod:`tvc_lightning.analyze.forced`):
+   free decoding cannot reach those lengths, the models write the chain lengths they were
+   trained on;
 6. bootstrap intervals and the variant's document (``docs/evidence.md`` for ``uniform``,
    ``docs/evidence_VARIANT.md`` for the others; figures copied to ``docs/evidence/VARIANT_*.png``).
 
