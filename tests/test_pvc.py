@@ -31,7 +31,8 @@ class ScriptedTriggers:
     def __init__(self, script: list[tuple[int, Trigger]]) -> None:
         self.script = script
 
-    def check(self, segment: list[int], calibrations: int) -> Trigger | None:
+    def check(self, segment: list[int], calibrations: int,
+              context: list[int] | None = None) -> Trigger | None:
         if calibrations < len(self.script) and len(segment) == self.script[calibrations][0]:
             return self.script[calibrations][1]
         return None
@@ -399,12 +400,13 @@ def test_answer_prefixes_force_the_start_of_each_answer(tiny):
             for recompute in (False, True)]
     for a, b in zip(*runs, strict=True):
         assert [c.trigger for c in a.calibrations] == ["periodic", "reflection", "bridge"]
+        assert a.calibrations[0].step == 5  # the script's 5 tokens, counted after the prefix
         assert a.token_ids == b.token_ids and a.calibrations == b.calibrations
     for i, (question, images) in enumerate(zip(QUESTIONS, _images(), strict=True)):
         (single,) = pvc_generate(model, processor, [question], [images], config,
                                  triggers=ScriptedTriggers(SCRIPT), answer_prefixes=[prefixes[i]])
         assert single.token_ids == runs[0][i].token_ids
-    with pytest.raises(ValueError, match="answer prefix"):
+    with pytest.raises(ValueError, match="answer prefix 0 contains"):
         pvc_generate(model, processor, QUESTIONS[:1], _images()[:1], PVCConfig(max_new_tokens=2),
                      answer_prefixes=["<|im_end|>"])
     with pytest.raises(ValueError, match="answer_prefixes has 1 entries for 2"):

@@ -93,3 +93,24 @@ def test_periodic_at_word_or_token(tok, at):
 def test_periodic_at_is_validated():
     with pytest.raises(ValueError, match="periodic_at"):
         PVCConfig(periodic_at="paragraph")
+
+
+def test_an_answer_prefix_is_context_not_a_sentence_start(tok):
+    """After a forced answer prefix ending in "." the first generated reflection gets the bridge
+    with its space, as DVR training spells it; the same tokens with no prefix begin the answer,
+    so no space. A reflection that began inside the prefix is never rolled back into it."""
+    config = PVCConfig(min_gap=0)
+    detector = TriggerDetector(config, tok)
+    prefix = tok("So I need the cell in row 1, column 3.", add_special_tokens=False)["input_ids"]
+    ids = tok(" Wait, let me look at that cell.", add_special_tokens=False)["input_ids"]
+    bare = tok("Wait, let me look at that cell.", add_special_tokens=False)["input_ids"]
+    found = [(n, t) for n in range(1, len(ids) + 1)
+             if (t := detector.check(ids[:n], 0, context=prefix)) is not None]
+    (n, trigger), = found
+    assert trigger.kind == "reflection" and trigger.rollback == n
+    assert trigger.bridge == " " + config.bridges[0]
+    (hit,) = [t for n in range(1, len(bare) + 1) if (t := detector.check(bare[:n], 0)) is not None]
+    assert hit.bridge == config.bridges[0]
+    inside = tok("So I need the cell. Wait", add_special_tokens=False)["input_ids"]
+    rest = tok(", let me look.", add_special_tokens=False)["input_ids"]
+    assert all(detector.check(rest[:n], 0, context=inside) is None for n in range(1, len(rest) + 1))

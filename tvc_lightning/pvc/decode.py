@@ -82,9 +82,9 @@ class _Decoder:
         grids = merged_grids(grid_thw, self.family.merge_size(self.model))
         rows, k = [], 0
         for sample, (question, imgs) in enumerate(zip(questions, images, strict=True)):
-            if self.special.search(question + prefixes[sample]):
-                raise ValueError(f"question {sample} or its answer prefix contains a control-token "
-                                 f"string: {question!r}")
+            for what, text in (("question", question), ("answer prefix", prefixes[sample])):
+                if self.special.search(text):
+                    raise ValueError(f"{what} {sample} contains a control-token string: {text!r}")
             n = len(imgs)
             row_grids = grids[k:k + n]
             text = self.chat.prompt(question, [h * w for h, w in row_grids]) + prefixes[sample]
@@ -93,7 +93,8 @@ class _Decoder:
             kinds = torch.where(ids == self.image_token_id, ORIGINAL, TEXT)
             row = RowState(sample, features[k:k + n], row_grids, ids.tolist(), kinds.tolist(),
                        [tuple(p) for p in pos.T.tolist()], [_VISIBLE] * len(ids),
-                       hide_at=hide_at[sample], segments=[(i, 1) for i in range(n)])
+                       hide_at=hide_at[sample], segments=[(i, 1) for i in range(n)],
+                       prefix_ids=self.tokenizer(prefixes[sample], add_special_tokens=False)["input_ids"])
             if row.hide_at == 0:
                 # The first answer token is predicted at the prompt's last position: the image is
                 # hidden from that query on, so the prefill runs under the 4-D visibility mask.
@@ -229,7 +230,11 @@ class _Decoder:
             self._hide_original(r, kinds_row, len(r.seq_ids))
         trigger = None
         if self.config.triggers_on:
-            trigger = self.detector.check(r.generated[r.segment_start:], len(r.calibrations))
+            segment = r.generated[r.segment_start:]
+            if r.prefix_ids and not r.calibrations:
+                trigger = self.detector.check(segment, 0, context=r.prefix_ids)
+            else:
+                trigger = self.detector.check(segment, len(r.calibrations))
         if trigger is None:
             p = r.next_position
             r.pending, r.pending_kinds, r.pending_pos = [token], [TEXT], [(p, p, p)]
@@ -386,6 +391,7 @@ def pvc_generate(
     ``recompute=True`` re-prefills the whole sequence at every calibration instead of keeping
     the KV cache: the naive baseline for tests and benchmarks, same tokens, more compute.
     ``triggers`` replaces the trigger policy: any object with ``check(segment, calibrations)``
+    (and a ``context`` keyword, the prefix's tokens, with ``answer_prefixes``)
     returning a :class:`~tvc_lightning.pvc.triggers.Trigger` or None (default: the config's).
     ``sync(local_active) -> any_rank_active`` keeps distributed ranks in step: a rank whose rows
     are done runs idle forwards until every rank is done (see ``callbacks.all_ranks_any``).

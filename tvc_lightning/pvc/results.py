@@ -62,6 +62,7 @@ class RowState:
     pooled: dict[int, torch.Tensor] = field(default_factory=dict)
     generated: list[int] = field(default_factory=list)
     segment_start: int = 0
+    prefix_ids: list[int] = field(default_factory=list)  # a forced answer start (trigger context)
     num_generated: int = 0
     sampled: int = 0  # every sampled token, rolled-back ones included: the decode step count
     image_hidden_at: int | None = None

@@ -61,14 +61,20 @@ class TriggerDetector:
         pieces = self._pieces
         return "".join(pieces[i] if i < len(pieces) else "" for i in ids)
 
-    def check(self, segment: list[int], calibrations: int) -> Trigger | None:
-        """``segment``: the tokens generated since the last calibration (or the start)."""
+    def check(self, segment: list[int], calibrations: int,
+              context: list[int] | None = None) -> Trigger | None:
+        """``segment``: the tokens generated since the last calibration (or the start);
+        ``context``: the tokens just before it when they are answer text (a forced answer
+        prefix), read for sentence starts and spacing but never rolled back."""
         c = self.config
         if calibrations >= c.max_calibrations or len(segment) < c.min_gap:
             return None
         window = segment[-_WINDOW:]
-        # A window that reaches back to the segment start begins a sentence (prompt or image).
-        lead = "\n" if len(window) == len(segment) else ""
+        # A window that reaches back to the segment start begins a sentence (prompt or image),
+        # unless answer text comes before it.
+        lead = ""
+        if len(window) == len(segment):
+            lead = self._decode(context[-_WINDOW:]) if context else "\n"
         tail = lead + self._decode(window)
         before = lead + self._decode(window[:-1])  # the text before the newest token
         if c.on_bridge and self._bridge_completed(tail, before):
