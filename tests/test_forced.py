@@ -113,3 +113,40 @@ def test_cut_chain_decoding(tmp_path, tiny_checkpoint):
     result = json.loads(out.read_text())
     assert result["total"] == 3 and set(result["answers"]) == {f"late-val-{i:06d}" for i in range(3)}
     assert result["right"] == sum(result["answers"].values())
+
+
+class _Oracle:
+    """A stand-in model whose greedy choice is the reference token everywhere except at the
+    ``wrong`` positions: forced_reads must count a read right only when all its tokens are."""
+
+    def __init__(self, vocab: int, wrong: set[int]) -> None:
+        from types import SimpleNamespace
+
+        self.vocab, self.wrong = vocab, wrong
+        self.model = SimpleNamespace(lm_head=torch.nn.Identity())
+
+    def hidden_states(self, batch):
+        ids = batch["input_ids"][0]
+        scores = torch.zeros(1, len(ids), self.vocab)
+        target = torch.cat([ids[1:], ids[:1]])  # position q - 1 predicts token q
+        for q in self.wrong:
+            target[q - 1] = (int(ids[q]) + 1) % self.vocab
+        scores[0, torch.arange(len(ids)), target] = 1.0
+        return scores
+
+
+def test_a_read_is_right_only_when_every_token_of_its_word_is():
+    encoder = _encoder(False)
+    tok = encoder.tokenizer
+    (is_id,) = tok(" is", add_special_tokens=False)["input_ids"]
+    samples = _samples("survey", 1)
+    record, images = samples[0]
+    enc = encoder(record, images)
+    spans = read_spans(enc["input_ids"], enc["labels"], is_id, word_ids(tok, list(PALETTE)))
+    long_word = next((a, b) for a, b in spans if b - a > 1)  # the tiny tokenizer splits colours
+    vocab = len(tok)
+    assert forced_reads(_Oracle(vocab, set()), encoder, samples, list(PALETTE)) == {record.id: (10, 10)}
+    for wrong in ({long_word[0]}, {long_word[1] - 1}, {spans[0][0], spans[-1][0]}):
+        right = 10 - sum(any(a <= q < b for q in wrong) for a, b in spans)
+        got = forced_reads(_Oracle(vocab, wrong), encoder, samples, list(PALETTE))
+        assert got == {record.id: (right, 10)} and right < 10

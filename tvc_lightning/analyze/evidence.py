@@ -200,7 +200,8 @@ def final_train_loss(arm_dir: Path, last: int = 5) -> float:
 
 
 def collect(root: Path) -> tuple[dict[tuple[str, str], Interval], dict[str, Interval], float]:
-    """The 2x2 cells, the paired differences, and the held-out majority-answer rate."""
+    """The accuracy cells (arms x decodings), the paired differences, and the held-out
+    majority-answer rate."""
     flags = {(arm, mode): read_flags(results_path(root, arm, mode))
              for arm in ARMS for mode in MODES}
     ids = sorted(set.intersection(*(set(f) for f in flags.values())))
@@ -279,7 +280,8 @@ def sizes_text(variant: str) -> dict[str, str]:
         "training": ("recipes/evidence/{plain,dvr}.yaml: 1000 steps x batch 4 (one epoch), AdamW "
                      "lr 1e-3, warm-up 10%, fp32, seed 0; DVR: 1 injection, pool kernel 2"),
         "decoding": "greedy; " + ", ".join(f"{k} {v}" for k, v in g.items())
-                    + "; plain = the same with max_calibrations 0",
+                    + "; plain = the same with max_calibrations 0; PVC, original kept = the same "
+                      "with reset none",
         "analyses": (f"forgetting: first {FORGETTING_LIMIT} val items, pvc and plain; removal: "
                      f"first {REMOVAL_LIMIT} val items, grid {REMOVAL_GRID}"),
     }

@@ -46,7 +46,7 @@ def forced_jobs(root: Path, variant: str) -> dict[str, list[str]]:
                 jobs[f"forced_{arm}_{name}_copy{copy}"] = _forced_cmd(root, arm, split, out, variant,
                                                                       ["--dvr", str(copy)])
         if name == "x1":
-            continue  # evaluate decodes the held-out split itself
+            continue  # at the training length the models write their own chains (evaluate)
         for arm, decoding in DECODED:
             out = root / arm / "forced" / f"{name}_decode_{decoding}.json"
             if not out.exists():

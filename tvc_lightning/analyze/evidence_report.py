@@ -169,7 +169,7 @@ def cut_chain_markdown(answers: Mapping[tuple[str, str, str], Interval],
 
 
 def accuracy_table(cells: Mapping[tuple[str, str], Interval]) -> str:
-    """The 2x2 markdown table: rows are the training arms, columns the decodings."""
+    """The accuracy table: rows are the training arms, columns the decodings."""
     lines = ["| training \\ decoding | " + " | ".join(MODE_NAMES[m] for m in MODES) + " |",
              "|---|" + "---|" * len(MODES)]
     for arm in ARMS:

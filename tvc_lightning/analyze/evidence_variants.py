@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 MODEL_SIZES = dict(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2,
                    intermediate_size=512, vision_depth=2, vision_dim=64, vision_heads=2)
 FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen3_vl": "Qwen3-VL"}
 # A variant's model family is Qwen2-VL unless it says otherwise; images are image_size squares,
 # read at full size (max_pixels = image_size ** 2): 6 x 6 merged tokens in both families.
-VARIANTS: dict[str, dict[str, dict]] = {
+VARIANTS: dict[str, dict[str, Any]] = {
     # As survey, on a tiny Qwen3-VL: its tower adds a learned position embedding to every patch
     # and its M-RoPE interleaves the three axes over all frequencies, where the tiny Qwen2-VL's
     # random tower has no absolute position and its width axis gets the five lowest rotary
@@ -78,19 +79,23 @@ RESAMPLES = 2000
 
 
 def family(variant: str) -> str:
+    """The variant's model family (a ``model_type``)."""
     return VARIANTS[variant].get("family", "qwen2_vl")
 
 
 def max_pixels(variant: str) -> int:
+    """Pixels per image for the fits, evaluations and analyses: the full ``image_size`` square."""
     return VARIANTS[variant]["data"]["image_size"] ** 2
 
 
 def generation_flags(variant: str, **override: object) -> list[str]:
+    """``--generation.*`` flags of the variant's decoding, with ``override`` settings."""
     settings = {**VARIANTS[variant]["generation"], **override}
     return [f"--generation.{k}={v}" for k, v in settings.items()]
 
 
 def subprocess_env(threads: int) -> dict[str, str]:
+    """The environment of a driver subprocess: ``threads`` BLAS threads, W&B off."""
     # Two processes share two cores: several BLAS threads each thrash (50x slower decode steps
     # measured on this machine), one thread each does not.
     env = dict(os.environ)

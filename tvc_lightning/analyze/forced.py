@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         right = sum(answers.values())
         args.out.write_text(json.dumps({
             "checkpoint": args.checkpoint, "data": args.data, "decode": args.decode,
-            "right": right, "total": len(answers), "accuracy": right / len(answers),
+            "right": right, "total": len(answers),
+            "accuracy": right / len(answers) if answers else None,
             "answers": answers}, indent=1), encoding="utf-8")
         print(f"forced-chain answers ({args.decode}): {right}/{len(answers)} right -> {args.out}")
         return 0
