@@ -130,9 +130,11 @@ def forced_reads_markdown(reads: Mapping[tuple[str, int, str], Interval],
                           diffs: Mapping[str, Interval], columns: Mapping[str, str]) -> list[str]:
     """The section on teacher-forced reads at several chain lengths (``analyze.forced``):
     ``reads[(arm, copy, column)]``, ``diffs[column]`` = DVR with its copy minus plain without."""
+    scales = [c.removeprefix("x") + "x" for c in columns]
     lines = ["## Reads at longer chains (teacher-forced)", "",
              "The reference chain fed in whole (`python -m tvc_lightning.analyze.forced`), its "
-             "restated part 1x, 2x and 4x as long as in training; share of the lookup sentences' "
+             f"restated part {', '.join(scales[:-1])} and {scales[-1]} as long as in training; "
+             "share of the lookup sentences' "
              "colours that the model's greedy choice gets right, with item-bootstrap intervals. "
              "\"copy\": DVR's bridge and pooled copy at the reflection point, as PVC with reset "
              "none decodes (the original image stays visible).", "",
